@@ -1,0 +1,256 @@
+//! `tether-agent`: the command line. Parsing and printing only; the work is in the library.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agent::bench::{BenchConfig, bench_model, format_table};
+use agent::infer::{DEFAULT_TOP_K, run_request};
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use models::v2::InferenceRequest;
+use models::{EngineConfig, Manifest, Variant, golden};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tether-agent",
+    version,
+    about = "Tether's on-device inference agent."
+)]
+struct Cli {
+    /// The model directory holding MANIFEST.toml (default: ./models/zoo, else the build's zoo).
+    #[arg(long, global = true, env = "TETHER_MODELS", value_name = "DIR")]
+    models: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the models of the zoo, one line per variant file.
+    Models {
+        /// Also build every model with tract, to prove it loads.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run one V2 inference request through a local model and print the V2 response.
+    Infer {
+        /// The model name, as listed by `tether-agent models`.
+        #[arg(long)]
+        model: String,
+        /// A V2 request JSON file, or `-` for stdin (the default when stdin is piped).
+        #[arg(long, value_name = "FILE")]
+        input: Option<PathBuf>,
+        /// Use the zoo's golden request for this model as the input.
+        #[arg(long, conflicts_with = "input")]
+        example: bool,
+        /// Which file of the model to run: device, source or cloud.
+        #[arg(long, default_value = "device")]
+        variant: Variant,
+        /// Classes to list for classifiers.
+        #[arg(long, default_value_t = DEFAULT_TOP_K)]
+        top: usize,
+    },
+    /// Measure latency percentiles and throughput of the local engine.
+    Bench {
+        /// Models to measure (repeatable; all by default).
+        #[arg(long)]
+        model: Vec<String>,
+        /// Variants to measure, comma-separated: device, source, cloud.
+        #[arg(long, value_delimiter = ',', default_value = "device,source")]
+        variant: Vec<Variant>,
+        /// Rows per call, stacked along the batch axis.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Measuring time per model and variant.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Threads calling each model at once.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let dir = agent::models_dir(cli.models);
+    match cli.command {
+        Command::Models { check } => models_table(&dir, check),
+        Command::Infer {
+            model,
+            input,
+            example,
+            variant,
+            top,
+        } => infer(&dir, &model, input, example, variant, top),
+        Command::Bench {
+            model,
+            variant,
+            batch,
+            seconds,
+            threads,
+        } => bench(&dir, model, variant, batch, seconds, threads),
+    }
+}
+
+fn models_table(dir: &std::path::Path, check: bool) -> anyhow::Result<()> {
+    let manifest = Manifest::load(dir)?;
+    let mut table = format!(
+        "{:<10} {:<8} {:<7} {:<5} {:>9}  {:<40} {}",
+        "model", "version", "variant", "prec", "size", "inputs", "outputs"
+    );
+    table.push('\n');
+    for spec in manifest.models() {
+        let fmt_tensors = |ts: &[models::manifest::TensorSpec]| {
+            ts.iter()
+                .map(|t| format!("{} {} {}", t.name, t.datatype, t.shape_display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for v in &spec.variants {
+            manifest.read_verified(v)?;
+            table.push_str(&format!(
+                "{:<10} {:<8} {:<7} {:<5} {:>9}  {:<40} {}\n",
+                spec.name,
+                spec.version,
+                v.variant,
+                v.precision,
+                human_size(v.bytes),
+                fmt_tensors(&spec.inputs),
+                fmt_tensors(&spec.outputs)
+            ));
+        }
+    }
+    print_stdout(table.trim_end())?;
+    if check {
+        for variant in [Variant::Device, Variant::Source, Variant::Cloud] {
+            let engine = EngineConfig {
+                variant,
+                ..EngineConfig::default()
+            }
+            .build(dir)?;
+            eprintln!(
+                "{variant}: {} models built with tract",
+                engine.models().count()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn human_size(bytes: u64) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    let b = bytes as f64;
+    if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MB", b / 1024.0 / 1024.0)
+    } else {
+        format!("{:.1} kB", b / 1024.0)
+    }
+}
+
+fn infer(
+    dir: &std::path::Path,
+    model: &str,
+    input: Option<PathBuf>,
+    example: bool,
+    variant: Variant,
+    top: usize,
+) -> anyhow::Result<()> {
+    let engine = EngineConfig {
+        variant,
+        only: vec![model.to_owned()],
+        ..EngineConfig::default()
+    }
+    .build(dir)?;
+    let request = if example {
+        golden::request(engine.manifest(), model)?
+    } else {
+        let bytes = match input {
+            Some(path) if path.as_os_str() != "-" => std::fs::read(&path)
+                .with_context(|| format!("cannot read the request file {}", path.display()))?,
+            Some(_) => read_stdin()?,
+            None if !std::io::stdin().is_terminal() => read_stdin()?,
+            None => bail!(
+                "no input: pass --input FILE, pipe a V2 request on stdin, or use --example \
+                 (the zoo's golden request, {})",
+                golden::request_path(engine.manifest(), model).display()
+            ),
+        };
+        InferenceRequest::from_json(&bytes)?
+    };
+    let response = run_request(engine.model(model)?, &request, top)?;
+    print_stdout(&serde_json::to_string_pretty(&response)?)
+}
+
+/// Prints to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn read_stdin() -> anyhow::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut bytes)
+        .context("cannot read the request from stdin")?;
+    Ok(bytes)
+}
+
+fn bench(
+    dir: &std::path::Path,
+    models: Vec<String>,
+    variants: Vec<Variant>,
+    batch: usize,
+    seconds: f64,
+    threads: usize,
+) -> anyhow::Result<()> {
+    if !(seconds.is_finite() && seconds > 0.0) {
+        bail!("--seconds must be a positive number, not {seconds}");
+    }
+    let config = BenchConfig {
+        batch,
+        duration: Duration::from_secs_f64(seconds),
+        threads,
+        warmup_calls: 3,
+    };
+    let mut reports = Vec::new();
+    for variant in variants {
+        let engine = EngineConfig {
+            variant,
+            only: models.clone(),
+            ..EngineConfig::default()
+        }
+        .build(dir)?;
+        for model in engine.models() {
+            if model.variant().variant != variant {
+                continue; // no file of this variant: already measured under another
+            }
+            eprintln!(
+                "bench: {} ({variant}), batch {batch}, {threads} thread(s), {seconds} s",
+                model.name()
+            );
+            reports.push(bench_model(engine.manifest(), model, &config)?);
+        }
+    }
+    print_stdout(format_table(&reports).trim_end())
+}

@@ -1,0 +1,614 @@
+//! The inference engine: models from a manifest, verified and built once with tract into
+//! immutable plans shared across threads, and run on single requests or stacked batches.
+//!
+//! Owns request-to-model validation (names, datatypes, shapes). Its `run` calls are blocking and
+//! CPU-bound: callers on an async runtime must move them to a worker thread or `spawn_blocking`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use tract::prelude::*;
+
+use crate::error::{ModelError, Result};
+use crate::manifest::{Manifest, ModelSpec, TensorSpec, Variant, VariantSpec};
+use crate::tensor::{Datatype, Tensor, TensorData, format_shape};
+use crate::v2::DEFAULT_MAX_ELEMENTS;
+
+/// Batch sizes up to this get a plan of their own, optimised for that exact size; larger
+/// batches run on the symbolic plan. Bounds the memory spent on plans.
+pub const MAX_PLANNED_BATCH: usize = 64;
+
+/// The models of one manifest, loaded for one variant (device or cloud), by name.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    manifest: Arc<Manifest>,
+    models: BTreeMap<String, Arc<LoadedModel>>,
+}
+
+/// How to load an [`Engine`].
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Which file of each model to load.
+    pub variant: Variant,
+    /// Load only these models (all when empty).
+    pub only: Vec<String>,
+    /// Cap on the elements of one input tensor.
+    pub max_elements: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            variant: Variant::Device,
+            only: Vec::new(),
+            max_elements: DEFAULT_MAX_ELEMENTS,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Loads the manifest in `dir` and builds every selected model.
+    pub fn build(&self, dir: impl AsRef<Path>) -> Result<Engine> {
+        let manifest = Arc::new(Manifest::load(dir)?);
+        let mut models = BTreeMap::new();
+        for name in &self.only {
+            manifest.model(name)?;
+        }
+        for spec in manifest.models() {
+            if !self.only.is_empty() && !self.only.contains(&spec.name) {
+                continue;
+            }
+            // A model without the asked-for variant falls back to its device file: the relay
+            // serves vad and ocr_det, whose cloud variant is the same file, and so on.
+            let variant = spec
+                .variant(self.variant)
+                .or_else(|| spec.variant(Variant::Device))
+                .ok_or_else(|| ModelError::Manifest {
+                    path: manifest.dir().to_path_buf(),
+                    reason: format!("model `{}` has no {} variant", spec.name, self.variant),
+                })?;
+            let loaded = LoadedModel::load(&manifest, spec, variant, self.max_elements)?;
+            models.insert(spec.name.clone(), Arc::new(loaded));
+        }
+        Ok(Engine { manifest, models })
+    }
+}
+
+impl Engine {
+    /// The model of that name.
+    pub fn model(&self, name: &str) -> Result<&Arc<LoadedModel>> {
+        self.models
+            .get(name)
+            .ok_or_else(|| ModelError::UnknownModel {
+                name: name.to_owned(),
+                known: self.models.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    /// All loaded models, by name.
+    pub fn models(&self) -> impl Iterator<Item = &Arc<LoadedModel>> {
+        self.models.values()
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+}
+
+/// One model, verified and built. Cheap to share: every method takes `&self`.
+pub struct LoadedModel {
+    spec: ModelSpec,
+    variant: VariantSpec,
+    max_elements: usize,
+    planner: Planner,
+    /// Plans specialised to one batch size or input shape, built on first use.
+    plans: RwLock<HashMap<Vec<usize>, Runnable>>,
+}
+
+/// How plans are made for a model.
+#[allow(clippy::large_enum_variant, reason = "one per loaded model; boxing buys nothing")]
+enum Planner {
+    /// tract analyses the model with its symbolic axes: one generic plan, plus plans
+    /// specialised per batch size (a concrete batch lets tract pick better kernels).
+    Symbolic {
+        model: Model,
+        generic: Runnable,
+        batch_symbol: Option<String>,
+    },
+    /// tract cannot reason about the symbolic shapes (PP-OCR's `(H+31)/32` against
+    /// `2*((H+15)/16)` in one Concat): re-plan from the file for each concrete input shape.
+    PerShape { bytes: Arc<Vec<u8>> },
+}
+
+/// Most specialised plans kept per model; past it, plans are built per call and dropped (slow,
+/// and logged), so memory stays bounded whatever shapes clients send.
+pub const MAX_CACHED_PLANS: usize = 16;
+
+impl fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("name", &self.spec.name)
+            .field("variant", &self.variant.variant)
+            .field("file", &self.variant.file)
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_onnx(bytes: &[u8]) -> anyhow::Result<InferenceModel> {
+    // The quantizer leaves value_info with symbolic batches that tract cannot unify: ignore it
+    // and let tract infer every intermediate shape.
+    tract::onnx()?.load_buffer_with_options(bytes, OnnxOptions::new().ignore_value_info(true))
+}
+
+impl LoadedModel {
+    fn load(
+        manifest: &Manifest,
+        spec: &ModelSpec,
+        variant: &VariantSpec,
+        max_elements: usize,
+    ) -> Result<LoadedModel> {
+        let path = manifest.path_of(&variant.file);
+        let bytes = manifest.read_verified(variant)?;
+        let load_err = |reason: String| ModelError::Load {
+            model: spec.name.clone(),
+            path: path.clone(),
+            reason,
+        };
+        let inference = parse_onnx(&bytes).map_err(|e| load_err(format!("{e:#}")))?;
+        check_inference_interface(spec, &inference).map_err(load_err)?;
+        let planner = match inference.into_model() {
+            Ok(model) => {
+                let batch_symbol = if spec.batchable() {
+                    model
+                        .input_fact(0)
+                        .and_then(|f| f.dim(0))
+                        .ok()
+                        .filter(|d| d.to_int64().is_err())
+                        .map(|d| d.to_string())
+                } else {
+                    None
+                };
+                let generic = model
+                    .clone()
+                    .into_runnable()
+                    .map_err(|e| load_err(format!("{e:#}")))?;
+                Planner::Symbolic {
+                    model,
+                    generic,
+                    batch_symbol,
+                }
+            }
+            Err(e)
+                if spec
+                    .inputs
+                    .iter()
+                    .any(|t| t.shape.iter().skip(1).any(|&d| d == -1)) =>
+            {
+                tracing::debug!(model = %spec.name, error = %format!("{e:#}"), "Symbolic analysis failed; planning per input shape.");
+                Planner::PerShape {
+                    bytes: Arc::new(bytes),
+                }
+            }
+            Err(e) => return Err(load_err(format!("{e:#}"))),
+        };
+        tracing::debug!(model = %spec.name, variant = %variant.variant, file = %variant.file, "Model loaded.");
+        Ok(LoadedModel {
+            spec: spec.clone(),
+            variant: variant.clone(),
+            max_elements,
+            planner,
+            plans: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub fn variant(&self) -> &VariantSpec {
+        &self.variant
+    }
+
+    /// sha256 of the loaded file: part of every cache key, so a new file never serves old results.
+    pub fn sha256(&self) -> &str {
+        &self.variant.sha256
+    }
+
+    /// The cap on elements of one input tensor.
+    pub fn max_elements(&self) -> usize {
+        self.max_elements
+    }
+
+    /// Builds the plan for these input shapes now rather than on the first request of them.
+    pub fn warm_up(&self, shapes: &[Vec<usize>]) -> Result<()> {
+        let batch = shapes.first().and_then(|s| s.first()).copied().unwrap_or(1);
+        self.plan_for(shapes, batch).map(|_| ())
+    }
+
+    /// Checks request tensors against the model's inputs and puts them in model order.
+    /// Returns the batch size (the first dimension, or 1 for unbatchable models).
+    pub fn validate(&self, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, usize)> {
+        let mut slots: Vec<Option<Tensor>> = vec![None; self.spec.inputs.len()];
+        for t in inputs {
+            let Some(idx) = self.spec.inputs.iter().position(|s| s.name == t.name()) else {
+                return Err(ModelError::UnknownInput {
+                    model: self.spec.name.clone(),
+                    name: t.name().to_owned(),
+                    expected: self.input_names(),
+                });
+            };
+            if slots[idx].is_some() {
+                return Err(ModelError::DuplicateInput {
+                    name: t.name().to_owned(),
+                });
+            }
+            slots[idx] = Some(t);
+        }
+        let mut ordered = Vec::with_capacity(slots.len());
+        for (spec, slot) in self.spec.inputs.iter().zip(slots) {
+            let t = slot.ok_or_else(|| ModelError::MissingInput {
+                model: self.spec.name.clone(),
+                name: spec.name.clone(),
+            })?;
+            self.check_tensor(spec, &t)?;
+            ordered.push(t);
+        }
+        let batch = if self.spec.batchable() {
+            ordered.first().map_or(1, |t| t.shape()[0])
+        } else {
+            1
+        };
+        if self.spec.batchable()
+            && let Some(t) = ordered.iter().find(|t| t.shape()[0] != batch)
+        {
+            {
+                return Err(ModelError::BatchMismatch {
+                    what: "inputs".to_owned(),
+                    reason: format!(
+                        "`{}` has batch {} where the first input has {batch}",
+                        t.name(),
+                        t.shape()[0]
+                    ),
+                });
+            }
+        }
+        Ok((ordered, batch))
+    }
+
+    fn check_tensor(&self, spec: &TensorSpec, t: &Tensor) -> Result<()> {
+        if t.datatype() != spec.datatype {
+            return Err(ModelError::DatatypeMismatch {
+                model: self.spec.name.clone(),
+                input: spec.name.clone(),
+                got: t.datatype().to_string(),
+                expected: spec.datatype.to_string(),
+            });
+        }
+        if !spec.accepts(t.shape()) {
+            return Err(ModelError::ShapeMismatch {
+                model: self.spec.name.clone(),
+                input: spec.name.clone(),
+                got: format_shape(t.shape()),
+                expected: spec.shape_display(),
+            });
+        }
+        if t.shape().contains(&0) {
+            return Err(ModelError::AbsurdShape {
+                input: spec.name.clone(),
+                shape: format_shape(t.shape()),
+                reason: "a dimension is zero".to_owned(),
+            });
+        }
+        if t.data().len() > self.max_elements {
+            return Err(ModelError::AbsurdShape {
+                input: spec.name.clone(),
+                shape: format_shape(t.shape()),
+                reason: format!(
+                    "{} elements exceed the limit of {}",
+                    t.data().len(),
+                    self.max_elements
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn input_names(&self) -> String {
+        let names: Vec<&str> = self.spec.inputs.iter().map(|s| s.name.as_str()).collect();
+        names.join(", ")
+    }
+
+    /// Runs one request: validates, then computes. Blocking.
+    pub fn infer(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let (ordered, batch) = self.validate(inputs)?;
+        self.run_validated(&ordered, batch)
+    }
+
+    /// Runs inputs already put in order by [`LoadedModel::validate`]. Blocking.
+    pub fn run_validated(&self, ordered: &[Tensor], batch: usize) -> Result<Vec<Tensor>> {
+        let shapes: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
+        let plan = self.plan_for(&shapes, batch)?;
+        let run_err = |reason: String| ModelError::Run {
+            model: self.spec.name.clone(),
+            reason,
+        };
+        let inputs = ordered
+            .iter()
+            .map(|t| {
+                tract::Tensor::from_bytes(
+                    to_tract_dt(t.datatype()),
+                    t.shape(),
+                    &t.data().to_le_bytes(),
+                )
+                .map_err(|e| run_err(format!("{e:#}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let outputs = plan.run(inputs).map_err(|e| run_err(format!("{e:#}")))?;
+        outputs
+            .iter()
+            .zip(&self.spec.outputs)
+            .map(|(t, spec)| from_tract(t, &spec.name).map_err(run_err))
+            .collect()
+    }
+
+    /// Runs several requests as one batch along the first axis and hands each its own outputs.
+    /// A request that fails validation gets its error; the others still run together.
+    pub fn infer_batch(&self, requests: Vec<Vec<Tensor>>) -> Vec<Result<Vec<Tensor>>> {
+        let mut results: Vec<Option<Result<Vec<Tensor>>>> = Vec::with_capacity(requests.len());
+        let mut valid: Vec<(usize, Vec<Tensor>, usize)> = Vec::new();
+        for (i, inputs) in requests.into_iter().enumerate() {
+            match self.validate(inputs) {
+                Ok((ordered, batch)) => {
+                    valid.push((i, ordered, batch));
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        if !self.spec.batchable() || valid.len() == 1 || !same_trailing_shapes(&valid) {
+            for (i, ordered, batch) in valid {
+                results[i] = Some(self.run_validated(&ordered, batch));
+            }
+        } else {
+            let total: usize = valid.iter().map(|(_, _, b)| b).sum();
+            let stacked = self.stack(&valid, total);
+            match stacked.and_then(|s| self.run_validated(&s, total)) {
+                Ok(outputs) => {
+                    let mut offset = 0;
+                    for (i, _, batch) in &valid {
+                        results[*i] = Some(slice_outputs(&outputs, offset, *batch));
+                        offset += batch;
+                    }
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    for (i, _, _) in &valid {
+                        results[*i] = Some(Err(ModelError::Run {
+                            model: self.spec.name.clone(),
+                            reason: text.clone(),
+                        }));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(ModelError::Run {
+                        model: self.spec.name.clone(),
+                        reason: "no result".into(),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    fn stack(&self, valid: &[(usize, Vec<Tensor>, usize)], total: usize) -> Result<Vec<Tensor>> {
+        let mut stacked = Vec::with_capacity(self.spec.inputs.len());
+        for (k, spec) in self.spec.inputs.iter().enumerate() {
+            let first = &valid[0].1[k];
+            let mut shape = first.shape().to_vec();
+            shape[0] = total;
+            let per_row: usize = first.shape()[1..].iter().product();
+            let mut data = TensorData::with_capacity(spec.datatype, per_row * total);
+            for (_, ordered, _) in valid {
+                data.extend_from(ordered[k].data()).map_err(|reason| {
+                    ModelError::BatchMismatch {
+                        what: "requests".into(),
+                        reason,
+                    }
+                })?;
+            }
+            stacked.push(Tensor::new(spec.name.clone(), shape, data)?);
+        }
+        Ok(stacked)
+    }
+
+    fn plan_for(&self, shapes: &[Vec<usize>], batch: usize) -> Result<Runnable> {
+        let key: Vec<usize> = match &self.planner {
+            Planner::Symbolic {
+                batch_symbol: None,
+                generic,
+                ..
+            } => return Ok(generic.clone()),
+            Planner::Symbolic { generic, .. } if batch > MAX_PLANNED_BATCH => {
+                return Ok(generic.clone());
+            }
+            Planner::Symbolic { .. } => vec![batch],
+            // rank, dims, rank, dims...: unambiguous across inputs.
+            Planner::PerShape { .. } => shapes
+                .iter()
+                .flat_map(|s| std::iter::once(s.len()).chain(s.iter().copied()))
+                .collect(),
+        };
+        if let Some(plan) = self
+            .plans
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(plan.clone());
+        }
+        let started = std::time::Instant::now();
+        let plan = self
+            .build_plan(shapes, batch)
+            .map_err(|e| ModelError::Run {
+                model: self.spec.name.clone(),
+                reason: format!("could not plan input shapes {shapes:?}: {e:#}"),
+            })?;
+        tracing::debug!(model = %self.spec.name, ?shapes, ms = started.elapsed().as_millis(), "Plan built.");
+        let mut plans = self.plans.write().unwrap_or_else(|p| p.into_inner());
+        if plans.len() >= MAX_CACHED_PLANS && !plans.contains_key(&key) {
+            tracing::warn!(model = %self.spec.name, ?shapes, "Plan cache full: this shape is planned on every call; send fewer distinct shapes.");
+            return Ok(plan);
+        }
+        Ok(plans.entry(key).or_insert(plan).clone())
+    }
+
+    fn build_plan(&self, shapes: &[Vec<usize>], batch: usize) -> anyhow::Result<Runnable> {
+        match &self.planner {
+            Planner::Symbolic {
+                model,
+                batch_symbol,
+                generic,
+            } => {
+                let Some(symbol) = batch_symbol else {
+                    return Ok(generic.clone());
+                };
+                let mut model = Model::clone(model);
+                model.transform(SetSymbols::new().value(symbol.clone(), i64::try_from(batch)?))?;
+                model.into_runnable()
+            }
+            Planner::PerShape { bytes } => {
+                let mut inference = parse_onnx(bytes)?;
+                for (i, (shape, spec)) in shapes.iter().zip(&self.spec.inputs).enumerate() {
+                    let dims: Vec<String> = shape.iter().map(ToString::to_string).collect();
+                    let dt = format!("{:?}", to_tract_dt(spec.datatype)).to_lowercase();
+                    inference.set_input_fact(i, format!("{},{dt}", dims.join(",")).as_str())?;
+                }
+                inference.into_model()?.into_runnable()
+            }
+        }
+    }
+
+    /// For classifiers: the `k` most probable labels of each row of the first output.
+    pub fn top_k(&self, outputs: &[Tensor], k: usize) -> Option<Vec<Vec<(String, f32)>>> {
+        let labels = self.spec.labels.as_ref()?;
+        let probs = outputs.first()?.as_f32()?;
+        if labels.is_empty() {
+            return None;
+        }
+        Some(
+            probs
+                .chunks(labels.len())
+                .map(|row| top_k(row, labels, k))
+                .collect(),
+        )
+    }
+}
+
+/// The `k` highest scores of one row with their labels, best first.
+pub fn top_k(row: &[f32], labels: &[String], k: usize) -> Vec<(String, f32)> {
+    let mut idx: Vec<usize> = (0..row.len().min(labels.len())).collect();
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    idx.into_iter()
+        .take(k)
+        .map(|i| (labels[i].clone(), row[i]))
+        .collect()
+}
+
+fn same_trailing_shapes(valid: &[(usize, Vec<Tensor>, usize)]) -> bool {
+    valid.windows(2).all(|w| {
+        w[0].1
+            .iter()
+            .zip(&w[1].1)
+            .all(|(a, b)| a.shape()[1..] == b.shape()[1..])
+    })
+}
+
+fn slice_outputs(outputs: &[Tensor], offset: usize, batch: usize) -> Result<Vec<Tensor>> {
+    outputs
+        .iter()
+        .map(|t| {
+            let per_row: usize = t.shape()[1..].iter().product();
+            let mut shape = t.shape().to_vec();
+            shape[0] = batch;
+            Tensor::new(
+                t.name(),
+                shape,
+                t.data().slice(offset * per_row, (offset + batch) * per_row),
+            )
+        })
+        .collect()
+}
+
+fn check_inference_interface(
+    spec: &ModelSpec,
+    model: &InferenceModel,
+) -> std::result::Result<(), String> {
+    let inputs = model.input_count().map_err(|e| e.to_string())?;
+    let outputs = model.output_count().map_err(|e| e.to_string())?;
+    if inputs != spec.inputs.len() || outputs != spec.outputs.len() {
+        return Err(format!(
+            "the file has {inputs} inputs and {outputs} outputs, the manifest declares {} and {}",
+            spec.inputs.len(),
+            spec.outputs.len()
+        ));
+    }
+    for (i, t) in spec.inputs.iter().enumerate() {
+        let name = model.input_name(i).map_err(|e| e.to_string())?;
+        // Displayed as `1,3,?,?,f32`: the datum type is the last field.
+        let fact = model.input_fact(i).map_err(|e| e.to_string())?.to_string();
+        let dt = fact.rsplit(',').next().unwrap_or_default();
+        let expected = format!("{:?}", to_tract_dt(t.datatype)).to_lowercase();
+        if name != t.name || dt != expected {
+            return Err(format!(
+                "input {i} of the file is `{name}` ({fact}), the manifest declares `{}` {} {}",
+                t.name,
+                t.datatype,
+                t.shape_display()
+            ));
+        }
+    }
+    // Output names are not checked: tract names outputs after their nodes, not their tensors.
+    Ok(())
+}
+
+fn to_tract_dt(d: Datatype) -> DatumType {
+    match d {
+        Datatype::Bool => DatumType::Bool,
+        Datatype::U8 => DatumType::U8,
+        Datatype::I8 => DatumType::I8,
+        Datatype::I32 => DatumType::I32,
+        Datatype::I64 => DatumType::I64,
+        Datatype::F16 => DatumType::F16,
+        Datatype::F32 => DatumType::F32,
+    }
+}
+
+fn from_tract(t: &tract::Tensor, name: &str) -> std::result::Result<Tensor, String> {
+    let (dt, shape, bytes) = t.as_bytes().map_err(|e| e.to_string())?;
+    let datatype = match dt {
+        DatumType::Bool => Datatype::Bool,
+        DatumType::U8 => Datatype::U8,
+        DatumType::I8 => Datatype::I8,
+        DatumType::I32 => Datatype::I32,
+        DatumType::I64 => Datatype::I64,
+        DatumType::F16 => Datatype::F16,
+        DatumType::F32 => Datatype::F32,
+        other => {
+            return Err(format!(
+                "output `{name}` has datatype {other:?}, which Tether cannot send"
+            ));
+        }
+    };
+    let data = TensorData::from_le_bytes(datatype, bytes)?;
+    Tensor::new(name, shape.to_vec(), data).map_err(|e| e.to_string())
+}
