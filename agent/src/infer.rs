@@ -46,7 +46,7 @@ pub fn build_response(
             .into_iter()
             .map(|row| {
                 row.into_iter()
-                    .map(|(label, p)| json!({"label": label, "probability": p}))
+                    .map(|(label, p)| json!({"label": label, "probability": round6(p)}))
                     .collect()
             })
             .collect();
@@ -89,6 +89,11 @@ fn filter_outputs(
         .outputs
         .retain(|o| wanted.iter().any(|w| w.name == o.name));
     Ok(())
+}
+
+/// Probabilities to six decimals: enough to rank, and short on the wire.
+fn round6(p: f32) -> f64 {
+    (f64::from(p) * 1e6).round() / 1e6
 }
 
 fn round_ms(ms: f64) -> f64 {

@@ -1,10 +1,31 @@
 //! The Tether agent: the device process. `main.rs` is only the command line; each module here
-//! owns one responsibility and is testable alone.
+//! owns one responsibility and is testable alone, and [`run`] wires them together.
 
 pub mod bench;
+pub mod broker;
+pub mod config;
 pub mod infer;
+pub mod mqtt;
+pub mod protocol;
+pub mod serve;
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::time::SystemTime;
+
+use models::{EngineConfig, ModelError, Variant};
+use rumqttc::v5::AsyncClient;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::LastWill;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::protocol::Topics;
+
+/// The agent's version, as reported in its status.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Where the model zoo is: the explicit choice, else `./models/zoo` when run from a checkout,
 /// else the zoo of the source tree this binary was built from.
@@ -17,4 +38,153 @@ pub fn models_dir(explicit: Option<PathBuf>) -> PathBuf {
         return local;
     }
     models::default_zoo_dir()
+}
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Models(#[from] ModelError),
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+    #[error("cannot start the inference workers: {0}")]
+    Workers(std::io::Error),
+    #[error("the model loader thread failed: {0}")]
+    Join(String),
+}
+
+/// What a running agent tells the code that started it (tests, the demo).
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// True while connected to the broker.
+    pub connected: watch::Receiver<bool>,
+    /// The embedded broker's addresses, if one was started.
+    pub embedded_broker: Option<broker::EmbeddedBroker>,
+}
+
+/// Runs the agent until `shutdown` completes, then stops taking requests, finishes those in
+/// flight within the grace period, publishes its offline status and disconnects.
+/// `started` receives the running agent's handles once it is serving.
+pub async fn run(
+    mut config: Config,
+    shutdown: impl Future<Output = ()>,
+    started: Option<tokio::sync::oneshot::Sender<Running>>,
+) -> Result<(), AgentError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let embedded = match &config.embedded_broker {
+        Some(b) => {
+            let addrs = broker::start(b, config.mqtt.max_payload_bytes)?;
+            if b.connect {
+                config.mqtt.host = addrs.v5.ip().to_string();
+                config.mqtt.port = addrs.v5.port();
+            }
+            Some(addrs)
+        }
+        None => None,
+    };
+
+    let dir = config.models_dir.clone();
+    let max_elements = config.inference.max_elements;
+    let engine = tokio::task::spawn_blocking(move || {
+        EngineConfig {
+            variant: Variant::Device,
+            only: Vec::new(),
+            max_elements,
+        }
+        .build(dir)
+    })
+    .await
+    .map_err(|e| AgentError::Join(e.to_string()))??;
+    tracing::info!(models = %engine.models().map(|m| m.name()).collect::<Vec<_>>().join(", "), "Models loaded.");
+
+    let topics = Topics::new(
+        &config.topic_prefix,
+        &config.device_id,
+        config.pool.as_deref(),
+    );
+    let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let status = |online: bool| {
+        let models: Vec<_> = engine
+            .models()
+            .map(|m| json!({"name": m.name(), "version": m.spec().version, "variant": m.variant().variant.as_str(), "sha256": m.sha256()}))
+            .collect();
+        serde_json::to_vec(&json!({
+            "online": online,
+            "device_id": config.device_id,
+            "agent_version": VERSION,
+            "models": models,
+            "config_version": null,
+            "pool": config.pool,
+            "workers": config.inference.workers,
+            "started_at": started_at,
+        }))
+        .unwrap_or_default()
+    };
+    let will = LastWill::new(topics.status(), status(false), QoS::AtLeastOnce, true, None);
+    let options = mqtt::options(&config.mqtt, will);
+    // Room for every queued reply plus acks and status.
+    let (client, eventloop) = AsyncClient::new(options, config.inference.queue * 2 + 64);
+
+    let pipeline = serve::Pipeline::start(
+        &config.inference,
+        &config.device_id,
+        topics.clone(),
+        config.mqtt.max_payload_bytes,
+        engine.clone(),
+        client.clone(),
+        tokio::runtime::Handle::current(),
+    )
+    .map_err(AgentError::Workers)?;
+    let (connected_tx, connected_rx) = watch::channel(false);
+    let intake = pipeline.intake.clone();
+    let driver = mqtt::Driver {
+        eventloop,
+        client: client.clone(),
+        filters: topics.request_filters(),
+        on_connect: Some(mqtt::Retained {
+            topic: topics.status(),
+            payload: status(true),
+        }),
+        dispatch: move |p| intake.dispatch(p),
+        connected_tx,
+        backoff: mqtt::Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
+    };
+    let stop_driver = CancellationToken::new();
+    let driver_task = tokio::spawn(driver.run(stop_driver.clone()));
+    tracing::info!(
+        device_id = %config.device_id,
+        broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port),
+        filters = ?topics.request_filters(),
+        workers = config.inference.workers,
+        "Agent serving."
+    );
+    if let Some(tx) = started {
+        let _ = tx.send(Running {
+            connected: connected_rx,
+            embedded_broker: embedded,
+        });
+    }
+
+    shutdown.await;
+    tracing::info!(
+        grace_ms = config.shutdown_grace.as_millis(),
+        "Shutting down: finishing requests in flight."
+    );
+    let drained = pipeline.drain(config.shutdown_grace).await;
+    if !drained {
+        tracing::warn!(
+            "Grace period over with requests still running; they stay unacknowledged and will be delivered again."
+        );
+    }
+    let _ = client.try_publish(topics.status(), QoS::AtLeastOnce, true, status(false));
+    let _ = client.try_disconnect();
+    // The driver exits once the DISCONNECT is out; don't wait on a dead broker forever.
+    if tokio::time::timeout(std::time::Duration::from_secs(2), driver_task)
+        .await
+        .is_err()
+    {
+        stop_driver.cancel();
+    }
+    tracing::info!("Agent stopped.");
+    Ok(())
 }

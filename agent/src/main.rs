@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agent::bench::{BenchConfig, bench_model, format_table};
+use agent::config::RawConfig;
 use agent::infer::{DEFAULT_TOP_K, run_request};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -27,6 +28,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Connect to an MQTT broker and serve inference requests until SIGINT or SIGTERM.
+    Run {
+        /// agent.toml; every key is optional (see README.md).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The broker to connect to: mqtt://host:port or mqtts://host:port.
+        #[arg(long, value_name = "URL")]
+        broker: Option<String>,
+        /// Start an in-process MQTT broker on ADDR (MQTT v5; 3.1.1 on the next port) and
+        /// connect to it.
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = agent::config::DEFAULT_EMBEDDED_LISTEN)]
+        embedded_broker: Option<String>,
+        /// This device's id (default: the hostname).
+        #[arg(long)]
+        device_id: Option<String>,
+        /// Inference worker threads (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
     /// List the models of the zoo, one line per variant file.
     Models {
         /// Also build every model with tract, to prove it loads.
@@ -74,7 +94,9 @@ enum Command {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "info,rumqttd=warn,rumqttd::router::routing=off,rumqttc=warn".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -89,8 +111,26 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Run {
+        config,
+        broker,
+        embedded_broker,
+        device_id,
+        workers,
+    } = cli.command
+    {
+        return run_agent(
+            cli.models,
+            config,
+            broker,
+            embedded_broker,
+            device_id,
+            workers,
+        );
+    }
     let dir = agent::models_dir(cli.models);
     match cli.command {
+        Command::Run { .. } => Ok(()),
         Command::Models { check } => models_table(&dir, check),
         Command::Infer {
             model,
@@ -106,6 +146,70 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seconds,
             threads,
         } => bench(&dir, model, variant, batch, seconds, threads),
+    }
+}
+
+fn run_agent(
+    models: Option<PathBuf>,
+    config: Option<PathBuf>,
+    broker: Option<String>,
+    embedded_broker: Option<String>,
+    device_id: Option<String>,
+    workers: Option<usize>,
+) -> anyhow::Result<()> {
+    let mut raw = RawConfig::load(config.as_deref(), |k| std::env::var(k).ok())?;
+    if models.is_some() {
+        raw.models_dir = models;
+    }
+    if let Some(b) = broker {
+        raw.mqtt.broker = b;
+    }
+    // A broker named on the command line or in the file means: run a broker here, but
+    // connect there.
+    let broker_given = raw.mqtt.broker != agent::config::RawMqtt::default().broker;
+    if let Some(listen) = embedded_broker {
+        let b = raw.embedded_broker.get_or_insert_with(Default::default);
+        b.listen = listen;
+        b.connect = !broker_given;
+    }
+    if device_id.is_some() {
+        raw.device_id = device_id;
+    }
+    if workers.is_some() {
+        raw.inference.workers = workers;
+    }
+    let cfg = raw.validate(|| hostname::get().ok().and_then(|h| h.into_string().ok()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("tether-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(agent::run(cfg, shutdown_signal(), None))?;
+    Ok(())
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received."),
+        () = term => tracing::info!("SIGTERM received."),
     }
 }
 

@@ -108,7 +108,10 @@ pub struct LoadedModel {
 }
 
 /// How plans are made for a model.
-#[allow(clippy::large_enum_variant, reason = "one per loaded model; boxing buys nothing")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per loaded model; boxing buys nothing"
+)]
 enum Planner {
     /// tract analyses the model with its symbolic axes: one generic plan, plus plans
     /// specialised per batch size (a concrete batch lets tract pick better kernels).

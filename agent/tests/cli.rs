@@ -1,0 +1,191 @@
+//! The `tether-agent` binary as a user runs it: `models`, `infer` and `bench` against the zoo.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use models::v2::InferenceResponse;
+use models::{Manifest, Variant, golden};
+
+fn agent(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+        .args(args)
+        .env("TETHER_MODELS", models::default_zoo_dir())
+        .env("RUST_LOG", "warn")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tether-agent starts");
+    if let Some(bytes) = stdin {
+        // The agent may refuse before reading its input (an unknown model): a closed pipe is fine.
+        let written = child.stdin.take().unwrap().write_all(bytes);
+        assert!(
+            written.is_ok()
+                || written
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+        );
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn models_lists_every_variant() {
+    let out = agent(&["models"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for needle in [
+        "digits     1.0.0    device  int8",
+        "digits     1.0.0    cloud   fp32",
+        "vibration  1.0.0    source  fp32",
+        "input FP32 [N,1,8,8]",
+        "x FP32 [N,3,?,?]",
+        "input FP32 [1,576], state FP32 [2,1,128]",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "`{needle}` missing from:\n{stdout}"
+        );
+    }
+    assert_eq!(
+        stdout.lines().count(),
+        1 + 10,
+        "header plus one line per variant file:\n{stdout}"
+    );
+}
+
+#[test]
+fn infer_on_every_golden_request_matches_onnx_runtime() {
+    let manifest = Manifest::load(models::default_zoo_dir()).unwrap();
+    for spec in manifest.models() {
+        let out = agent(&["infer", "--model", &spec.name, "--example"], None);
+        assert!(out.status.success(), "{}: {}", spec.name, text(&out.stderr));
+        let response: InferenceResponse = serde_json::from_slice(&out.stdout).unwrap();
+        let expected = golden::response(&manifest, &spec.name, Variant::Device).unwrap();
+        assert_eq!(response.model_name, spec.name);
+        assert_eq!(
+            response.model_version.as_deref(),
+            Some(spec.version.as_str())
+        );
+        for (got, want) in response.outputs.iter().zip(&expected.outputs) {
+            let (g, w) = (got.to_tensor().unwrap(), want.to_tensor().unwrap());
+            assert_eq!(g.shape(), w.shape());
+            let worst = g
+                .data()
+                .to_f64_vec()
+                .iter()
+                .zip(w.data().to_f64_vec())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(worst <= 1e-4, "{}: {worst}", spec.name);
+        }
+    }
+}
+
+#[test]
+fn infer_reads_stdin_and_lists_top_classes() {
+    let manifest = Manifest::load(models::default_zoo_dir()).unwrap();
+    let request = std::fs::read(golden::request_path(&manifest, "vibration")).unwrap();
+    let out = agent(
+        &["infer", "--model", "vibration", "--top", "2"],
+        Some(&request),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let classes = v["parameters"]["classes"].as_array().unwrap();
+    let rows = v["outputs"][0]["shape"][0].as_u64().unwrap() as usize;
+    assert_eq!(classes.len(), rows, "one list of classes per batch row");
+    for row in classes {
+        let row = row.as_array().unwrap();
+        assert_eq!(row.len(), 2);
+        let label = row[0]["label"].as_str().unwrap();
+        assert!(
+            ["normal", "imbalance", "bearing_fault"].contains(&label),
+            "{label}"
+        );
+        assert!(row[0]["probability"].as_f64().unwrap() >= row[1]["probability"].as_f64().unwrap());
+    }
+}
+
+#[test]
+fn bad_input_is_a_sentence_and_a_failure_status() {
+    let cases: [(&str, &[u8], &str); 4] = [
+        (
+            "digits",
+            b"{not json",
+            "the request is not a valid inference request",
+        ),
+        (
+            "digits",
+            br#"{"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":[0]}]}"#,
+            "input `input` has 1 values in `data` but its shape [1,64] needs 64",
+        ),
+        (
+            "digits",
+            br#"{"inputs":[{"name":"input","shape":[1,2],"datatype":"FP32","data":[0,0]}]}"#,
+            "input `input` has shape [1,2] where [N,1,8,8] is expected by model `digits`",
+        ),
+        ("resnet", b"{}", "unknown model `resnet`"),
+    ];
+    for (model, body, expected) in cases {
+        let out = agent(&["infer", "--model", model], Some(body));
+        assert!(!out.status.success());
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(expected),
+            "expected `{expected}` in: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn bench_prints_percentiles_per_model_and_variant() {
+    let out = agent(
+        &[
+            "bench",
+            "--model",
+            "digits",
+            "--variant",
+            "device,source",
+            "--batch",
+            "8",
+            "--seconds",
+            "0.2",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].contains("p50 ms")
+            && lines[0].contains("p99 ms")
+            && lines[0].contains("samples/s")
+    );
+    assert_eq!(lines.len(), 3, "{stdout}");
+    for (line, variant) in lines[1..].iter().zip(["device", "source"]) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(fields[0], "digits");
+        assert_eq!(fields[1], variant);
+        assert_eq!(fields[3], "8", "batch");
+        let calls: usize = fields[5].parse().unwrap();
+        let p50: f64 = fields[6].parse().unwrap();
+        let p99: f64 = fields[8].parse().unwrap();
+        let throughput: f64 = fields[9].parse().unwrap();
+        assert!(
+            calls > 0 && p50 > 0.0 && p99 >= p50 && throughput > 0.0,
+            "{line}"
+        );
+    }
+}
