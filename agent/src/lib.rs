@@ -5,6 +5,7 @@ pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod infer;
+pub mod loadgen;
 pub mod mqtt;
 pub mod protocol;
 pub mod serve;
@@ -40,6 +41,12 @@ pub fn models_dir(explicit: Option<PathBuf>) -> PathBuf {
     models::default_zoo_dir()
 }
 
+async fn join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -56,8 +63,10 @@ pub enum AgentError {
 /// What a running agent tells the code that started it (tests, the demo).
 #[derive(Debug, Clone)]
 pub struct Running {
-    /// True while connected to the broker.
+    /// True while connected to the broker with the device's subscription in place.
     pub connected: watch::Receiver<bool>,
+    /// The same for the pool's connection, when the agent is in a pool.
+    pub pool_connected: Option<watch::Receiver<bool>>,
     /// The embedded broker's addresses, if one was started.
     pub embedded_broker: Option<broker::EmbeddedBroker>,
 }
@@ -121,46 +130,73 @@ pub async fn run(
         .unwrap_or_default()
     };
     let will = LastWill::new(topics.status(), status(false), QoS::AtLeastOnce, true, None);
-    let options = mqtt::options(&config.mqtt, will);
-    // Room for every queued reply plus acks and status.
-    let (client, eventloop) = AsyncClient::new(options, config.inference.queue * 2 + 64);
-
     let pipeline = serve::Pipeline::start(
         &config.inference,
         &config.device_id,
         topics.clone(),
         config.mqtt.max_payload_bytes,
         engine.clone(),
-        client.clone(),
         tokio::runtime::Handle::current(),
     )
     .map_err(AgentError::Workers)?;
+    let stop_drivers = CancellationToken::new();
+    let mut drivers = Vec::new();
+    // The device's own connection; room in its client for every queued reply plus acks.
+    let capacity = config.inference.queue * 2 + 64;
+    let (client, eventloop) = AsyncClient::new(
+        mqtt::options(&config.mqtt, mqtt::Session::Device { will }),
+        capacity,
+    );
     let (connected_tx, connected_rx) = watch::channel(false);
-    let intake = pipeline.intake.clone();
-    let driver = mqtt::Driver {
-        eventloop,
-        client: client.clone(),
-        filters: topics.request_filters(),
-        on_connect: Some(mqtt::Retained {
-            topic: topics.status(),
-            payload: status(true),
-        }),
-        dispatch: move |p| intake.dispatch(p),
-        connected_tx,
-        backoff: mqtt::Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
-    };
-    let stop_driver = CancellationToken::new();
-    let driver_task = tokio::spawn(driver.run(stop_driver.clone()));
+    let intake = pipeline.intake(serve::Link::new(client.clone()));
+    drivers.push(tokio::spawn(
+        mqtt::Driver {
+            eventloop,
+            client: client.clone(),
+            filters: vec![topics.device_filter()],
+            on_connect: Some(mqtt::Retained {
+                topic: topics.status(),
+                payload: status(true),
+            }),
+            dispatch: move |p| intake.dispatch(p),
+            connected_tx,
+            backoff: mqtt::Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
+        }
+        .run(stop_drivers.clone()),
+    ));
+    let mut pool_client = None;
+    let mut pool_connected = None;
+    if let Some(filter) = topics.pool_filter() {
+        let (pclient, peventloop) =
+            AsyncClient::new(mqtt::options(&config.mqtt, mqtt::Session::Pool), capacity);
+        let intake = pipeline.intake(serve::Link::new(pclient.clone()));
+        let (pool_connected_tx, pool_rx) = watch::channel(false);
+        pool_connected = Some(pool_rx);
+        drivers.push(tokio::spawn(
+            mqtt::Driver {
+                eventloop: peventloop,
+                client: pclient.clone(),
+                filters: vec![filter],
+                on_connect: None,
+                dispatch: move |p| intake.dispatch(p),
+                connected_tx: pool_connected_tx,
+                backoff: mqtt::Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
+            }
+            .run(stop_drivers.clone()),
+        ));
+        pool_client = Some(pclient);
+    }
     tracing::info!(
         device_id = %config.device_id,
         broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port),
-        filters = ?topics.request_filters(),
+        pool = ?config.pool,
         workers = config.inference.workers,
         "Agent serving."
     );
     if let Some(tx) = started {
         let _ = tx.send(Running {
             connected: connected_rx,
+            pool_connected,
             embedded_broker: embedded,
         });
     }
@@ -178,12 +214,15 @@ pub async fn run(
     }
     let _ = client.try_publish(topics.status(), QoS::AtLeastOnce, true, status(false));
     let _ = client.try_disconnect();
-    // The driver exits once the DISCONNECT is out; don't wait on a dead broker forever.
-    if tokio::time::timeout(std::time::Duration::from_secs(2), driver_task)
+    if let Some(pclient) = pool_client {
+        let _ = pclient.try_disconnect();
+    }
+    // Each driver exits once its DISCONNECT is out; don't wait on a dead broker forever.
+    if tokio::time::timeout(std::time::Duration::from_secs(2), join_all(drivers))
         .await
         .is_err()
     {
-        stop_driver.cancel();
+        stop_drivers.cancel();
     }
     tracing::info!("Agent stopped.");
     Ok(())

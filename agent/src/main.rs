@@ -71,6 +71,26 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_TOP_K)]
         top: usize,
     },
+    /// Measure round trips through an MQTT broker: an echo responder (the broker alone) and the
+    /// agent, at several concurrencies. Starts its own broker and agent unless --broker is given.
+    BenchMqtt {
+        /// Use this broker (mqtt://host:port) instead of an embedded one; the agent under test
+        /// still runs in this process.
+        #[arg(long, value_name = "URL")]
+        broker: Option<String>,
+        /// The model to request.
+        #[arg(long, default_value = "digits")]
+        model: String,
+        /// Concurrent closed-loop requesters, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+        concurrency: Vec<usize>,
+        /// Measuring time per concurrency and target.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Inference worker threads of the agent under test (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
     /// Measure latency percentiles and throughput of the local engine.
     Bench {
         /// Models to measure (repeatable; all by default).
@@ -111,41 +131,51 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Run {
-        config,
-        broker,
-        embedded_broker,
-        device_id,
-        workers,
-    } = cli.command
-    {
-        return run_agent(
-            cli.models,
+    let models = cli.models;
+    match cli.command {
+        Command::Run {
             config,
             broker,
             embedded_broker,
             device_id,
             workers,
-        );
-    }
-    let dir = agent::models_dir(cli.models);
-    match cli.command {
-        Command::Run { .. } => Ok(()),
-        Command::Models { check } => models_table(&dir, check),
+        } => run_agent(models, config, broker, embedded_broker, device_id, workers),
+        Command::BenchMqtt {
+            broker,
+            model,
+            concurrency,
+            seconds,
+            workers,
+        } => bench_mqtt(models, broker, &model, &concurrency, seconds, workers),
+        Command::Models { check } => models_table(&agent::models_dir(models), check),
         Command::Infer {
             model,
             input,
             example,
             variant,
             top,
-        } => infer(&dir, &model, input, example, variant, top),
+        } => infer(
+            &agent::models_dir(models),
+            &model,
+            input,
+            example,
+            variant,
+            top,
+        ),
         Command::Bench {
             model,
             variant,
             batch,
             seconds,
             threads,
-        } => bench(&dir, model, variant, batch, seconds, threads),
+        } => bench(
+            &agent::models_dir(models),
+            model,
+            variant,
+            batch,
+            seconds,
+            threads,
+        ),
     }
 }
 
@@ -187,6 +217,91 @@ fn run_agent(
         .context("cannot start the async runtime")?;
     runtime.block_on(agent::run(cfg, shutdown_signal(), None))?;
     Ok(())
+}
+
+fn bench_mqtt(
+    models: Option<PathBuf>,
+    broker: Option<String>,
+    model: &str,
+    concurrency: &[usize],
+    seconds: f64,
+    workers: Option<usize>,
+) -> anyhow::Result<()> {
+    use agent::loadgen;
+    if !(seconds.is_finite() && seconds > 0.0) {
+        bail!("--seconds must be a positive number, not {seconds}");
+    }
+    let mut raw = RawConfig {
+        device_id: Some("bench".into()),
+        models_dir: models,
+        ..RawConfig::default()
+    };
+    raw.inference.workers = workers;
+    raw.inference.queue = 1024;
+    match &broker {
+        Some(url) => raw.mqtt.broker = url.clone(),
+        None => {
+            raw.embedded_broker = Some(agent::config::RawEmbeddedBroker {
+                listen: "127.0.0.1:0".into(),
+                ..Default::default()
+            })
+        }
+    }
+    let cfg = raw.validate(|| None)?;
+    let external =
+        std::net::ToSocketAddrs::to_socket_addrs(&(cfg.mqtt.host.as_str(), cfg.mqtt.port))
+            .ok()
+            .and_then(|mut a| a.next());
+    let payload = {
+        let dir = cfg.models_dir.clone();
+        let manifest = models::Manifest::load(&dir)?;
+        std::fs::read(golden::request_path(&manifest, model))?
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let agent_task = tokio::spawn(agent::run(
+            cfg,
+            async move {
+                let _ = stop_rx.await;
+            },
+            Some(started_tx),
+        ));
+        let running = started_rx
+            .await
+            .context("the agent under test did not start")?;
+        let addr = running
+            .embedded_broker
+            .map(|b| b.v5)
+            .or(external)
+            .context("no broker address")?;
+        let mut connected = running.connected.clone();
+        tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| *c))
+            .await
+            .context("the agent under test did not connect to the broker within 10 s")??;
+        let _echo = loadgen::start_echo(addr, "tether").await;
+        let duration = Duration::from_secs_f64(seconds);
+        let mut reports = Vec::new();
+        for &c in concurrency {
+            for topic in [
+                "tether/echo/infer/echo".to_owned(),
+                format!("tether/bench/infer/{model}"),
+            ] {
+                eprintln!("bench-mqtt: {topic}, concurrency {c}, {seconds} s");
+                reports.push(
+                    loadgen::run_load(addr, &topic, payload.clone(), c.max(1), duration).await,
+                );
+            }
+        }
+        print_stdout(loadgen::format_table(&reports).trim_end())?;
+        let _ = stop_tx.send(());
+        let _ = agent_task.await;
+        anyhow::Ok(())
+    })
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

@@ -15,14 +15,36 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
 
-/// Builds the client options: persistent session, manual acks, last will, TLS, credentials.
-pub fn options(cfg: &MqttConfig, will: LastWill) -> MqttOptions {
-    let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
-    o.set_keep_alive(cfg.keep_alive)
-        .set_clean_start(false)
-        .set_session_expiry_interval(Some(cfg.session_expiry_secs))
-        .set_manual_acks(true)
-        .set_last_will(will)
+/// Which of the agent's connections: its own (persistent session, last will) or its pool's.
+#[derive(Debug, Clone)]
+pub enum Session {
+    /// The device's own requests: a persistent session, so requests wait while it is away.
+    Device { will: LastWill },
+    /// Pool work, on a second connection with a clean session: while this agent is away, the
+    /// broker hands the pool's requests to the others. (A persistent session with a shared
+    /// subscription also crashes rumqttd 0.20's router when the client disconnects.)
+    Pool,
+}
+
+/// Builds the client options: session, manual acks, last will, TLS, credentials.
+pub fn options(cfg: &MqttConfig, session: Session) -> MqttOptions {
+    let client_id = match session {
+        Session::Device { .. } => cfg.client_id.clone(),
+        Session::Pool => format!("{}-pool", cfg.client_id),
+    };
+    let mut o = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+    o.set_keep_alive(cfg.keep_alive).set_manual_acks(true);
+    match session {
+        Session::Device { will } => {
+            o.set_clean_start(false)
+                .set_session_expiry_interval(Some(cfg.session_expiry_secs))
+                .set_last_will(will);
+        }
+        Session::Pool => {
+            o.set_clean_start(true);
+        }
+    }
+    o
         // Replies can be as large as requests (a probability map is as big as its image).
         .set_max_packet_size(Some(
             u32::try_from(cfg.max_payload_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
@@ -130,7 +152,6 @@ impl<D: FnMut(Publish)> Driver<D> {
                     {
                         tracing::warn!(error = %e, "Could not queue the online status.");
                     }
-                    self.connected_tx.send_replace(true);
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => (self.dispatch)(publish),
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -141,6 +162,8 @@ impl<D: FnMut(Publish)> Driver<D> {
                         )
                     }) {
                         tracing::error!(codes = ?ack.return_codes, "The broker refused a subscription: requests on it will not arrive.");
+                    } else {
+                        self.connected_tx.send_replace(true);
                     }
                 }
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {

@@ -61,13 +61,16 @@ impl Topics {
         }
     }
 
-    /// The subscriptions that bring requests: this device's, and the pool's shared one.
-    pub fn request_filters(&self) -> Vec<String> {
-        let mut filters = vec![format!("{}/{}/infer/+", self.prefix, self.device_id)];
-        if let Some(pool) = &self.pool {
-            filters.push(format!("$share/{pool}/{}/pool/infer/+", self.prefix));
-        }
-        filters
+    /// The subscription that brings this device's own requests.
+    pub fn device_filter(&self) -> String {
+        format!("{}/{}/infer/+", self.prefix, self.device_id)
+    }
+
+    /// The shared subscription of the pool, if the device is in one.
+    pub fn pool_filter(&self) -> Option<String> {
+        self.pool
+            .as_ref()
+            .map(|pool| format!("$share/{pool}/{}/pool/infer/+", self.prefix))
     }
 
     /// The model a request topic names, if it is one of ours.
@@ -155,10 +158,11 @@ mod tests {
         }
         let no_pool = Topics::new("tether", "pi-1", None);
         assert_eq!(no_pool.model_of("tether/pool/infer/vad"), None);
-        assert_eq!(no_pool.request_filters(), ["tether/pi-1/infer/+"]);
+        assert_eq!(no_pool.pool_filter(), None);
+        assert_eq!(t.device_filter(), "tether/pi-1/infer/+");
         assert_eq!(
-            t.request_filters(),
-            ["tether/pi-1/infer/+", "$share/line3/tether/pool/infer/+"]
+            t.pool_filter().as_deref(),
+            Some("$share/line3/tether/pool/infer/+")
         );
     }
 

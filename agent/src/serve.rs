@@ -1,10 +1,13 @@
-//! The request pipeline: the intake (called by the MQTT driver for every request, never
+//! The request pipeline: the intake (called by an MQTT driver for every request, never
 //! blocking), a bounded queue, and the inference worker threads that run the models, publish
 //! each reply and only then acknowledge the request to the broker.
 //!
 //! A full queue answers `overloaded` at once. A request is acknowledged after its reply has been
 //! handed to the MQTT client, so a crash before that means the broker delivers it again.
+//! Acknowledgements go out in the order the requests arrived, as MQTT requires of QoS 1
+//! (MQTT-4.6.0-2), however the workers finish: rumqttd refuses out-of-order acks.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -20,105 +23,148 @@ use crate::infer::run_request;
 use crate::mqtt::{publish_reply, request_properties, try_publish_reply};
 use crate::protocol::{ErrorCode, ErrorReply, ReplyRoute, Topics, reply_route};
 
+/// One MQTT connection as the pipeline sees it: the client to reply and acknowledge through,
+/// and the order its requests arrived in.
+#[derive(Debug)]
+pub struct Link {
+    client: AsyncClient,
+    acks: Mutex<AckOrder>,
+}
+
+/// Releases acknowledgements in arrival order: request `n` is acknowledged only once every
+/// request before it has been.
+#[derive(Debug, Default)]
+struct AckOrder {
+    issued: u64,
+    next: u64,
+    /// Finished requests waiting for earlier ones; `None` means "nothing to acknowledge".
+    done: BTreeMap<u64, Option<Publish>>,
+}
+
+impl Link {
+    pub fn new(client: AsyncClient) -> Arc<Link> {
+        Arc::new(Link {
+            client,
+            acks: Mutex::new(AckOrder::default()),
+        })
+    }
+
+    fn ticket(&self) -> u64 {
+        let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        acks.issued += 1;
+        acks.issued - 1
+    }
+
+    /// Marks a request finished; with `ack` false it stays unacknowledged (for redelivery).
+    fn finish(&self, ticket: u64, publish: Publish, ack: bool) {
+        let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        acks.done.insert(ticket, ack.then_some(publish));
+        loop {
+            let next = acks.next;
+            let Some(done) = acks.done.remove(&next) else {
+                break;
+            };
+            acks.next += 1;
+            if let Some(p) = done
+                && let Err(e) = self.client.try_ack(&p)
+            {
+                tracing::warn!(error = %e, "Could not queue an acknowledgement; the request will be delivered again.");
+            }
+        }
+    }
+}
+
 /// One request waiting for a worker.
 #[derive(Debug)]
 pub struct Job {
     publish: Publish,
+    ticket: u64,
+    link: Arc<Link>,
     model: String,
     received: Instant,
 }
 
-/// The side of the pipeline the MQTT driver calls.
+type JobsTx = Arc<Mutex<Option<flume::Sender<Job>>>>;
+
+/// The side of the pipeline an MQTT driver calls, one per connection.
 #[derive(Debug, Clone)]
 pub struct Intake {
     topics: Topics,
     max_payload_bytes: usize,
-    client: AsyncClient,
+    link: Arc<Link>,
     /// `None` once shutdown began: new requests are left unacknowledged, for redelivery.
-    jobs_tx: Arc<Mutex<Option<flume::Sender<Job>>>>,
+    jobs_tx: JobsTx,
 }
 
 impl Intake {
     /// Takes one incoming publish. Never blocks.
     pub fn dispatch(&self, publish: Publish) {
+        let ticket = self.link.ticket();
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             tracing::warn!("Ignored a message whose topic is not UTF-8.");
-            self.ack(&publish);
-            return;
+            return self.link.finish(ticket, publish, true);
         };
         let Some(model) = self.topics.model_of(topic).map(str::to_owned) else {
             tracing::warn!(%topic, "Ignored a message on a topic that is not a request topic.");
-            self.ack(&publish);
-            return;
-        };
-        let reject = |code: ErrorCode, error: String| {
-            let route = early_route(&self.topics, &publish, &model);
-            tracing::debug!(%model, ?code, %error, "Request refused.");
-            let body = ErrorReply {
-                id: None,
-                error: &error,
-                code,
-            }
-            .to_json();
-            self.reply_now(&publish, route, body);
+            return self.link.finish(ticket, publish, true);
         };
         if publish.payload.len() > self.max_payload_bytes {
-            return reject(
-                ErrorCode::BadRequest,
-                format!(
-                    "the request is {} bytes, over this agent's limit of {} bytes (mqtt.max_payload_bytes)",
-                    publish.payload.len(),
-                    self.max_payload_bytes
-                ),
+            let error = format!(
+                "the request is {} bytes, over this agent's limit of {} bytes (mqtt.max_payload_bytes)",
+                publish.payload.len(),
+                self.max_payload_bytes
             );
+            return self.refuse(ticket, publish, &model, ErrorCode::BadRequest, &error);
         }
         let guard = self.jobs_tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(jobs_tx) = guard.as_ref() else {
-            return; // shutting down: not acknowledged, so the broker delivers it again later
+            drop(guard);
+            // Shutting down: not acknowledged, so the broker delivers it again later.
+            return self.link.finish(ticket, publish, false);
         };
-        match jobs_tx.try_send(Job {
+        let job = Job {
             publish,
-            model: model.clone(),
+            ticket,
+            link: self.link.clone(),
+            model,
             received: Instant::now(),
-        }) {
+        };
+        match jobs_tx.try_send(job) {
             Ok(()) => {}
             Err(flume::TrySendError::Full(job)) => {
                 drop(guard);
-                let route = early_route(&self.topics, &job.publish, &model);
-                let body = ErrorReply {
-                    id: None,
-                    error: "the agent's inference queue is full; retry later or send to another device",
-                    code: ErrorCode::Overloaded,
-                }
-                .to_json();
-                self.reply_now(&job.publish, route, body);
+                let error =
+                    "the agent's inference queue is full; retry later or send to another device";
+                self.refuse(
+                    ticket,
+                    job.publish,
+                    &job.model,
+                    ErrorCode::Overloaded,
+                    error,
+                );
             }
-            Err(flume::TrySendError::Disconnected(_)) => {}
-        }
-    }
-
-    /// Stops taking requests; the workers finish what is queued and exit.
-    pub fn close(&self) {
-        self.jobs_tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-    }
-
-    fn reply_now(&self, publish: &Publish, route: ReplyRoute, body: Vec<u8>) {
-        match try_publish_reply(&self.client, route, body) {
-            Ok(()) => self.ack(publish),
-            // Not acknowledged: the broker will deliver the request again.
-            Err(e) => {
-                tracing::warn!(error = %e, "Could not queue an error reply; the request stays unacknowledged.")
+            Err(flume::TrySendError::Disconnected(job)) => {
+                drop(guard);
+                self.link.finish(ticket, job.publish, false);
             }
         }
     }
 
-    fn ack(&self, publish: &Publish) {
-        if let Err(e) = self.client.try_ack(publish) {
-            tracing::warn!(error = %e, "Could not queue an acknowledgement.");
+    /// Replies with a coded error at once, from the driver's task.
+    fn refuse(&self, ticket: u64, publish: Publish, model: &str, code: ErrorCode, error: &str) {
+        tracing::debug!(%model, ?code, %error, "Request refused.");
+        let route = early_route(&self.topics, &publish, model);
+        let body = ErrorReply {
+            id: None,
+            error,
+            code,
         }
+        .to_json();
+        let sent = try_publish_reply(&self.link.client, route, body);
+        if let Err(e) = &sent {
+            tracing::warn!(error = %e, "Could not queue an error reply; the request stays unacknowledged.");
+        }
+        self.link.finish(ticket, publish, sent.is_ok());
     }
 }
 
@@ -140,10 +186,12 @@ fn early_route(topics: &Topics, publish: &Publish, model: &str) -> ReplyRoute {
     )
 }
 
-/// The worker threads and the intake that feeds them.
+/// The worker threads and the queue that feeds them.
 #[derive(Debug)]
 pub struct Pipeline {
-    pub intake: Intake,
+    topics: Topics,
+    max_payload_bytes: usize,
+    jobs_tx: JobsTx,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -155,7 +203,6 @@ impl Pipeline {
         topics: Topics,
         max_payload_bytes: usize,
         engine: Engine,
-        client: AsyncClient,
         runtime: tokio::runtime::Handle,
     ) -> std::io::Result<Pipeline> {
         let (jobs_tx, jobs_rx) = flume::bounded::<Job>(cfg.queue);
@@ -164,7 +211,6 @@ impl Pipeline {
             let worker = Worker {
                 jobs_rx: jobs_rx.clone(),
                 engine: engine.clone(),
-                client: client.clone(),
                 runtime: runtime.clone(),
                 topics: topics.clone(),
                 top_k: cfg.top_k,
@@ -176,19 +222,31 @@ impl Pipeline {
                     .spawn(move || worker.run())?,
             );
         }
-        let intake = Intake {
+        Ok(Pipeline {
             topics,
             max_payload_bytes,
-            client,
             jobs_tx: Arc::new(Mutex::new(Some(jobs_tx))),
-        };
-        Ok(Pipeline { intake, workers })
+            workers,
+        })
+    }
+
+    /// The intake for requests arriving on one connection.
+    pub fn intake(&self, link: Arc<Link>) -> Intake {
+        Intake {
+            topics: self.topics.clone(),
+            max_payload_bytes: self.max_payload_bytes,
+            link,
+            jobs_tx: self.jobs_tx.clone(),
+        }
     }
 
     /// Stops intake and waits for the workers to drain the queue, up to `grace`.
     /// Returns false when the grace period ran out first.
     pub async fn drain(self, grace: std::time::Duration) -> bool {
-        self.intake.close();
+        self.jobs_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let deadline = Instant::now() + grace;
         for w in self.workers {
             while !w.is_finished() {
@@ -206,7 +264,6 @@ impl Pipeline {
 struct Worker {
     jobs_rx: flume::Receiver<Job>,
     engine: Engine,
-    client: AsyncClient,
     runtime: tokio::runtime::Handle,
     topics: Topics,
     top_k: usize,
@@ -219,13 +276,13 @@ impl Worker {
             let (route, body) = self.process(&job);
             // Blocking on the client's bounded channel is the backpressure we want here: this
             // is a worker thread, never the event loop.
-            let sent = self.runtime.block_on(async {
-                publish_reply(&self.client, route, body).await?;
-                self.client.ack(&job.publish).await
-            });
-            if let Err(e) = sent {
+            let sent = self
+                .runtime
+                .block_on(publish_reply(&job.link.client, route, body));
+            if let Err(e) = &sent {
                 tracing::warn!(error = %e, "Could not hand a reply to the MQTT client; the request will be delivered again.");
             }
+            job.link.finish(job.ticket, job.publish, sent.is_ok());
         }
     }
 

@@ -1,0 +1,245 @@
+//! Test harness: agents started in process on free ports, and MQTT clients (v5 and 3.1.1) that
+//! send requests and collect replies by correlation.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use agent::Running;
+use agent::config::{RawConfig, RawEmbeddedBroker};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// A running agent and the means to stop it.
+pub struct TestAgent {
+    pub running: Running,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), agent::AgentError>>>,
+}
+
+impl TestAgent {
+    /// Starts an agent with the zoo, a device id, and whatever `tweak` changes. Unless `tweak`
+    /// sets a broker, the agent starts its own embedded broker on free ports.
+    pub async fn start(device_id: &str, tweak: impl FnOnce(&mut RawConfig)) -> TestAgent {
+        let mut raw = RawConfig {
+            device_id: Some(device_id.to_owned()),
+            models_dir: Some(models::default_zoo_dir()),
+            embedded_broker: Some(RawEmbeddedBroker {
+                listen: "127.0.0.1:0".into(),
+                ..Default::default()
+            }),
+            shutdown_grace_ms: 5_000,
+            ..RawConfig::default()
+        };
+        raw.inference.workers = Some(2);
+        raw.mqtt.reconnect_min_ms = 50;
+        raw.mqtt.reconnect_max_ms = 500;
+        tweak(&mut raw);
+        let config = raw.validate(|| None).expect("valid test config");
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel();
+        let task = tokio::spawn(agent::run(
+            config,
+            async move {
+                let _ = shutdown_rx.await;
+            },
+            Some(started_tx),
+        ));
+        let running = started_rx.await.expect("the agent starts");
+        for mut connected in
+            std::iter::once(running.connected.clone()).chain(running.pool_connected.clone())
+        {
+            tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| *c))
+                .await
+                .expect("the agent connects and subscribes within 10 s")
+                .unwrap();
+        }
+        TestAgent {
+            running,
+            shutdown: Some(shutdown_tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn v5_addr(&self) -> SocketAddr {
+        self.running.embedded_broker.expect("embedded broker").v5
+    }
+
+    pub fn v311_addr(&self) -> SocketAddr {
+        self.running.embedded_broker.expect("embedded broker").v311
+    }
+
+    /// Asks the agent to stop and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("the agent stops within its grace period")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+/// A reply as received.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub topic: String,
+    pub correlation: Option<Vec<u8>>,
+    pub body: Value,
+    pub had_properties: bool,
+}
+
+/// An MQTT v5 client that publishes requests with a response topic and correlation data.
+pub struct Requester {
+    pub client: AsyncClient,
+    pub reply_topic: String,
+    replies: mpsc::UnboundedReceiver<Reply>,
+}
+
+impl Requester {
+    pub async fn connect(addr: SocketAddr, name: &str) -> Requester {
+        Requester::connect_with(addr, name, false).await
+    }
+
+    /// A requester with a persistent session, that rides out broker restarts.
+    pub async fn connect_persistent(addr: SocketAddr, name: &str) -> Requester {
+        Requester::connect_with(addr, name, true).await
+    }
+
+    async fn connect_with(addr: SocketAddr, name: &str, persistent: bool) -> Requester {
+        let mut o = MqttOptions::new(
+            format!("test-{name}-{}", fastrand::u64(..)),
+            addr.ip().to_string(),
+            addr.port(),
+        );
+        o.set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(Some(64 << 20));
+        if persistent {
+            o.set_clean_start(false)
+                .set_session_expiry_interval(Some(600));
+        }
+        let (client, mut eventloop) = AsyncClient::new(o, 1000);
+        let reply_topic = format!("replies/{name}");
+        let (tx, replies) = mpsc::unbounded_channel();
+        let (subscribed_tx, subscribed_rx) = oneshot::channel();
+        let mut subscribed_tx = Some(subscribed_tx);
+        let filter = format!("{reply_topic}/#");
+        let resubscriber = client.clone();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = resubscriber.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let reply = Reply {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            correlation: p
+                                .properties
+                                .as_ref()
+                                .and_then(|pr| pr.correlation_data.as_ref().map(|c| c.to_vec())),
+                            had_properties: p.properties.is_some(),
+                            body: serde_json::from_slice(&p.payload).unwrap_or(Value::Null),
+                        };
+                        if tx.send(reply).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(5), subscribed_rx)
+            .await
+            .unwrap()
+            .unwrap();
+        Requester {
+            client,
+            reply_topic,
+            replies,
+        }
+    }
+
+    /// Publishes a request with a response topic and correlation data.
+    pub async fn send(&self, topic: &str, body: &[u8], correlation: &[u8]) {
+        let props = PublishProperties {
+            response_topic: Some(self.reply_topic.clone()),
+            correlation_data: Some(correlation.to_vec().into()),
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, body.to_vec(), props)
+            .await
+            .unwrap();
+    }
+
+    /// Waits for the next reply, however long it takes.
+    pub async fn next_any(&mut self) -> Reply {
+        self.replies.recv().await.unwrap()
+    }
+
+    /// Waits for the next reply.
+    pub async fn next(&mut self, within: Duration) -> Reply {
+        tokio::time::timeout(within, self.replies.recv())
+            .await
+            .expect("a reply in time")
+            .unwrap()
+    }
+
+    /// Collects `n` replies, keyed by correlation data.
+    pub async fn collect(&mut self, n: usize, within: Duration) -> HashMap<Vec<u8>, Vec<Reply>> {
+        let mut out: HashMap<Vec<u8>, Vec<Reply>> = HashMap::new();
+        let deadline = tokio::time::Instant::now() + within;
+        for _ in 0..n {
+            let r = tokio::time::timeout_at(deadline, self.replies.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "only {} of {n} replies arrived",
+                        out.values().map(Vec::len).sum::<usize>()
+                    )
+                })
+                .unwrap();
+            out.entry(r.correlation.clone().unwrap_or_default())
+                .or_default()
+                .push(r);
+        }
+        out
+    }
+
+    /// True if no further reply arrives within `wait`.
+    pub async fn quiet_for(&mut self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, self.replies.recv())
+            .await
+            .is_err()
+    }
+}
+
+/// A zoo golden request, as bytes, with an id.
+pub fn golden(model: &str) -> Vec<u8> {
+    let manifest = models::Manifest::load(models::default_zoo_dir()).unwrap();
+    std::fs::read(models::golden::request_path(&manifest, model)).unwrap()
+}
+
+/// A golden request with its parameters replaced.
+pub fn golden_with(model: &str, parameters: Value) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(&golden(model)).unwrap();
+    v["parameters"] = parameters;
+    serde_json::to_vec(&v).unwrap()
+}

@@ -1,0 +1,311 @@
+//! The agent over a real MQTT broker on loopback (the embedded rumqttd, on ports the OS picks):
+//! request/response in MQTT v5 and 3.1.1, pools, coded errors, overload, graceful shutdown.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Requester, TestAgent, golden, golden_with};
+use models::{Manifest, Variant};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn top_labels(body: &Value) -> Vec<String> {
+    body["parameters"]["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row[0]["label"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn golden_top_labels(model: &str) -> Vec<String> {
+    let manifest = Manifest::load(models::default_zoo_dir()).unwrap();
+    let expected = models::golden::response(&manifest, model, Variant::Device).unwrap();
+    let spec = manifest.model(model).unwrap();
+    let labels = spec.labels.as_ref().unwrap();
+    let probs = expected.outputs[0].to_tensor().unwrap().data().to_f64_vec();
+    probs
+        .chunks(labels.len())
+        .map(|row| {
+            let best = (0..row.len())
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap();
+            labels[best].clone()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_round_trip_copies_correlation_data_back() {
+    let agent = TestAgent::start("dev-v5", |_| {}).await;
+    let mut req = Requester::connect(agent.v5_addr(), "v5").await;
+    let correlation = b"\x00\xffcorr-1".to_vec();
+    req.send(
+        "tether/dev-v5/infer/digits",
+        &golden("digits"),
+        &correlation,
+    )
+    .await;
+    let reply = req.next(WAIT).await;
+    assert_eq!(reply.topic, "replies/v5");
+    assert_eq!(reply.correlation.as_deref(), Some(&correlation[..]));
+    let body = reply.body;
+    assert_eq!(body["model_name"], "digits");
+    assert_eq!(body["id"], "golden-digits");
+    assert_eq!(body["parameters"]["route"], "local");
+    assert_eq!(body["parameters"]["model_version"], "1.0.0");
+    assert_eq!(body["parameters"]["device_id"], "dev-v5");
+    assert!(body["parameters"]["latency_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(body["outputs"][0]["shape"], json!([4, 10]));
+    assert_eq!(top_labels(&body), golden_top_labels("digits"));
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_round_trip_uses_reply_to() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let agent = TestAgent::start("dev-v311", |_| {}).await;
+    let addr = agent.v311_addr();
+    let mut options = MqttOptions::new("test-v311", addr.ip().to_string(), addr.port());
+    options.set_max_packet_size(64 << 20, 64 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    client
+        .subscribe("my/replies", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let body = golden_with("vibration", json!({"reply_to": "my/replies"}));
+    let mut sent = false;
+    let reply = tokio::time::timeout(WAIT, async {
+        loop {
+            match eventloop.poll().await.unwrap() {
+                Event::Incoming(Packet::SubAck(_)) if !sent => {
+                    client
+                        .publish(
+                            "tether/dev-v311/infer/vibration",
+                            QoS::AtLeastOnce,
+                            false,
+                            body.clone(),
+                        )
+                        .await
+                        .unwrap();
+                    sent = true;
+                }
+                Event::Incoming(Packet::Publish(p)) => return p,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("a reply on reply_to");
+    assert_eq!(reply.topic, "my/replies");
+    let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(v["model_name"], "vibration");
+    assert_eq!(top_labels(&v), golden_top_labels("vibration"));
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_in_a_pool_share_the_load_and_each_request_gets_one_reply() {
+    let a = TestAgent::start("pool-a", |raw| raw.pool = Some("line3".into())).await;
+    let broker = format!("mqtt://{}", a.v5_addr());
+    let b = TestAgent::start("pool-b", |raw| {
+        raw.pool = Some("line3".into());
+        raw.embedded_broker = None;
+        raw.mqtt.broker = broker;
+    })
+    .await;
+    let mut req = Requester::connect(a.v5_addr(), "pool").await;
+    let n = 40;
+    for i in 0..n {
+        req.send(
+            "tether/pool/infer/digits",
+            &golden("digits"),
+            format!("r{i}").as_bytes(),
+        )
+        .await;
+    }
+    let replies = req.collect(n, WAIT).await;
+    assert!(
+        req.quiet_for(Duration::from_millis(500)).await,
+        "no duplicate replies"
+    );
+    assert_eq!(replies.len(), n, "every correlation answered");
+    let mut by_device = std::collections::HashMap::<String, usize>::new();
+    for (corr, rs) in &replies {
+        assert_eq!(
+            rs.len(),
+            1,
+            "exactly one reply for {}",
+            String::from_utf8_lossy(corr)
+        );
+        let device = rs[0].body["parameters"]["device_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        *by_device.entry(device).or_default() += 1;
+    }
+    assert!(
+        by_device.get("pool-a").copied().unwrap_or(0) > 0,
+        "{by_device:?}"
+    );
+    assert!(
+        by_device.get("pool-b").copied().unwrap_or(0) > 0,
+        "{by_device:?}"
+    );
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_coded_errors_and_the_agent_keeps_serving() {
+    let agent = TestAgent::start("dev-err", |raw| raw.mqtt.max_payload_bytes = 4096).await;
+    let mut req = Requester::connect(agent.v5_addr(), "err").await;
+    let wrong_shape =
+        br#"{"id":"w","inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":[0]}]}"#;
+    let cases: [(&str, Vec<u8>, &str, &str); 5] = [
+        ("digits", b"{not json".to_vec(), "bad_request", "not a valid inference request"),
+        ("digits", wrong_shape.to_vec(), "bad_request", "has 1 values in `data` but its shape [1,64] needs 64"),
+        (
+            "digits",
+            br#"{"id":"s","inputs":[{"name":"input","shape":[1,64],"datatype":"FP32","data":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]}]}"#.to_vec(),
+            "bad_request",
+            "input `input` has shape [1,64] where [N,1,8,8] is expected by model `digits`",
+        ),
+        ("resnet", golden("digits"), "unknown_model", "unknown model `resnet`"),
+        ("digits", vec![b' '; 5000], "bad_request", "over this agent's limit of 4096 bytes"),
+    ];
+    for (i, (model, body, code, text)) in cases.iter().enumerate() {
+        req.send(
+            &format!("tether/dev-err/infer/{model}"),
+            body,
+            format!("e{i}").as_bytes(),
+        )
+        .await;
+        let reply = req.next(WAIT).await;
+        assert_eq!(
+            reply.correlation.as_deref(),
+            Some(format!("e{i}").as_bytes())
+        );
+        assert_eq!(reply.body["code"], *code, "{}", reply.body);
+        let error = reply.body["error"].as_str().unwrap();
+        assert!(error.contains(text), "`{text}` not in `{error}`");
+    }
+    // Still serving.
+    req.send("tether/dev-err/infer/digits", &golden("digits"), b"ok")
+        .await;
+    let reply = req.next(WAIT).await;
+    assert_eq!(reply.body["model_name"], "digits", "{}", reply.body);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_the_queue_gets_overloaded_and_the_rest_are_answered() {
+    let agent = TestAgent::start("dev-burst", |raw| {
+        raw.inference.workers = Some(1);
+        raw.inference.queue = 2;
+    })
+    .await;
+    let mut req = Requester::connect(agent.v5_addr(), "burst").await;
+    let n = 30;
+    let body = golden("ocr_det");
+    for i in 0..n {
+        req.send(
+            "tether/dev-burst/infer/ocr_det",
+            &body,
+            format!("b{i}").as_bytes(),
+        )
+        .await;
+    }
+    let replies = req.collect(n, Duration::from_secs(60)).await;
+    let dups: Vec<_> = replies
+        .iter()
+        .filter(|(_, r)| r.len() > 1)
+        .map(|(c, r)| {
+            (
+                String::from_utf8_lossy(c).into_owned(),
+                r.iter().map(|x| x.body["code"].clone()).collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    assert_eq!(replies.len(), n, "duplicates: {dups:?}");
+    let overloaded = replies
+        .values()
+        .filter(|r| r[0].body["code"] == "overloaded")
+        .count();
+    let served = replies
+        .values()
+        .filter(|r| r[0].body["model_name"] == "ocr_det")
+        .count();
+    assert!(
+        overloaded > 0,
+        "a burst of {n} into a queue of 2 must overflow"
+    );
+    assert!(
+        served >= 3,
+        "at least the queued requests are served: {served}"
+    );
+    let other: Vec<&Value> = replies
+        .values()
+        .map(|r| &r[0].body)
+        .filter(|b| b["code"] != "overloaded" && b["model_name"] != "ocr_det")
+        .collect();
+    assert_eq!(
+        overloaded + served,
+        n,
+        "every request is either served or refused as overloaded: {other:?}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_retained_and_shutdown_finishes_requests_in_flight() {
+    use rumqttc::v5::mqttbytes::QoS;
+    let agent = TestAgent::start("dev-status", |raw| raw.inference.workers = Some(1)).await;
+    let addr = agent.v5_addr();
+    let mut req = Requester::connect(addr, "status").await;
+    req.client
+        .subscribe("tether/dev-status/status", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let status = req.next(WAIT).await;
+    assert_eq!(status.topic, "tether/dev-status/status");
+    assert_eq!(status.body["online"], true);
+    assert_eq!(status.body["device_id"], "dev-status");
+    let models: Vec<&str> = status.body["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(models, ["digits", "ocr_det", "vad", "vibration"]);
+
+    let body = golden("ocr_det");
+    for i in 0..3 {
+        req.send(
+            "tether/dev-status/infer/ocr_det",
+            &body,
+            format!("s{i}").as_bytes(),
+        )
+        .await;
+    }
+    // Let the requests reach the agent's queue, then stop it while they run.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    agent.stop().await;
+    let mut served = 0;
+    let mut offline = false;
+    for _ in 0..4 {
+        let r = req.next(WAIT).await;
+        if r.topic == "tether/dev-status/status" {
+            offline = r.body["online"] == false;
+        } else {
+            assert_eq!(r.body["model_name"], "ocr_det", "{}", r.body);
+            served += 1;
+        }
+    }
+    assert_eq!(served, 3, "requests in flight finish during shutdown");
+    assert!(offline, "the agent marks itself offline");
+}
