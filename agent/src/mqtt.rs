@@ -34,6 +34,7 @@ pub fn options(cfg: &MqttConfig, session: Session) -> MqttOptions {
     };
     let mut o = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
     o.set_keep_alive(cfg.keep_alive).set_manual_acks(true);
+    no_delay(&mut o);
     match session {
         Session::Device { will } => {
             o.set_clean_start(false)
@@ -61,6 +62,14 @@ pub fn options(cfg: &MqttConfig, session: Session) -> MqttOptions {
         }));
     }
     o
+}
+
+/// Turns Nagle's algorithm off: requests and replies are small and latency-bound, and with it a
+/// lone round trip waits out the peer's delayed ACK (about 40 ms each way).
+pub fn no_delay(o: &mut MqttOptions) {
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    o.set_network_options(net);
 }
 
 /// A retained message, for the status topic.

@@ -40,6 +40,12 @@ struct Mosquitto {
 
 impl Mosquitto {
     fn start() -> Mosquitto {
+        Mosquitto::start_with(|_| "allow_anonymous true\n".to_owned())
+    }
+
+    /// Starts Mosquitto with extra configuration lines, which `extra` writes knowing the
+    /// broker's directory (for certificates and password files).
+    fn start_with(extra: impl FnOnce(&std::path::Path) -> String) -> Mosquitto {
         require("mosquitto");
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -52,8 +58,9 @@ impl Mosquitto {
         // Mosquitto started as root drops to the `mosquitto` user: let it write its database.
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
             .unwrap();
+        let extra = extra(&dir);
         let conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 10000\nlog_dest file {}/mosquitto.log\nlog_type all\n",
+            "listener {port} 127.0.0.1\n{extra}persistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 10000\nlog_dest file {}/mosquitto.log\nlog_type all\n",
             dir.display(),
             dir.display()
         );
@@ -297,4 +304,162 @@ async fn a_broker_restart_mid_stream_loses_no_request() {
         answered.insert(String::from_utf8(r.correlation.unwrap()).unwrap());
     }
     agent.stop().await;
+}
+
+/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate with openssl.
+fn make_certificates(dir: &std::path::Path) {
+    require("openssl");
+    let script = r#"
+set -e
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=tether-test-ca 2>/dev/null
+for name in server client; do
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout $name.key -out $name.csr -subj /CN=$name 2>/dev/null
+done
+printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > server.ext
+printf 'extendedKeyUsage=clientAuth\n' > client.ext
+for name in server client; do
+  openssl x509 -req -in $name.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $name.pem -days 2 -extfile $name.ext 2>/dev/null
+done
+chmod 644 *.key *.pem
+"#;
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "openssl could not make the test certificates"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: cargo test -p agent --test mosquitto -- --ignored"]
+async fn mutual_tls_and_a_password_connect_and_a_wrong_password_does_not() {
+    require("mosquitto_passwd");
+    let broker = Mosquitto::start_with(|dir| {
+        make_certificates(dir);
+        let pw = dir.join("passwords");
+        let status = Command::new("mosquitto_passwd")
+            .arg("-b")
+            .arg("-c")
+            .arg(&pw)
+            .args(["press-12", "s3cret"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        format!(
+            "cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\nallow_anonymous false\npassword_file {d}/passwords\n",
+            d = dir.display()
+        )
+    });
+    let dir = broker.dir.clone();
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    let tls = |raw: &mut agent::config::RawConfig, password: &str| {
+        raw.embedded_broker = None;
+        raw.mqtt.broker = url.clone();
+        raw.mqtt.ca_file = Some(dir.join("ca.pem"));
+        raw.mqtt.client_cert = Some(dir.join("client.pem"));
+        raw.mqtt.client_key = Some(dir.join("client.key"));
+        raw.mqtt.username = Some("press-12".into());
+        raw.mqtt.password = Some(password.into());
+    };
+
+    // The right password: the agent connects over mutual TLS and serves.
+    let agent = TestAgent::start("tls-dev", |raw| tls(raw, "s3cret")).await;
+    let port = broker.port.to_string();
+    let d = dir.display().to_string();
+    let tls_args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            &format!("{d}/ca.pem"),
+            "--cert",
+            &format!("{d}/client.pem"),
+            "--key",
+            &format!("{d}/client.key"),
+            "-u",
+            "press-12",
+            "-P",
+            "s3cret",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        v.extend(extra.iter().map(|s| (*s).to_owned()));
+        v
+    };
+    let sub_args = tls_args(&["-V", "311", "-t", "tls/replies", "-C", "1", "-W", "30"]);
+    let reply = Command::new("mosquitto_sub")
+        .args(&sub_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pub_args = tls_args(&[
+        "-V",
+        "311",
+        "-q",
+        "1",
+        "-t",
+        "tether/tls-dev/infer/digits",
+        "-s",
+    ]);
+    let body = golden_with("digits", json!({"reply_to": "tls/replies"}));
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = Command::new("mosquitto_pub")
+            .args(&pub_args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&body).unwrap();
+        assert!(child.wait().unwrap().success());
+    })
+    .await
+    .unwrap();
+    let text = tokio::task::spawn_blocking(move || output_of(reply))
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(text.trim_end()).unwrap();
+    assert_eq!(v["model_name"], "digits");
+    agent.stop().await;
+
+    // A wrong password: the broker refuses, and the agent keeps retrying without serving.
+    let mut raw = agent::config::RawConfig {
+        device_id: Some("tls-bad".into()),
+        models_dir: Some(models::default_zoo_dir()),
+        ..Default::default()
+    };
+    tls(&mut raw, "wrong");
+    let config = raw.validate(|| None).unwrap();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(agent::run(
+        config,
+        async move {
+            let _ = stop_rx.await;
+        },
+        Some(started_tx),
+    ));
+    let running = started_rx.await.unwrap();
+    let mut connected = running.connected.clone();
+    let connected_in_time =
+        tokio::time::timeout(Duration::from_secs(3), connected.wait_for(|c| *c)).await;
+    assert!(
+        connected_in_time.is_err(),
+        "a wrong password must not get a session"
+    );
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }

@@ -1,0 +1,556 @@
+//! The HTTP routes: the Open Inference Protocol (health, server and model metadata, readiness,
+//! inference in JSON or with binary tensors), model artifacts for device updates, and metrics.
+//! Every error leaves as `{"error": "..."}` with its status.
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use models::Variant;
+use models::v2::{InferenceResponse, ResponseOutput};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::State;
+use crate::auth::Device;
+use crate::batcher::Refused;
+use crate::binary;
+use crate::error::ApiError;
+
+/// The relay's router.
+pub fn app(state: State) -> Router {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(|| async { StatusCode::OK }))
+        .route("/v2/health/ready", get(server_ready))
+        .route("/v2/models/{name}", get(model_metadata))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(model_metadata_version),
+        )
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(model_ready_version),
+        )
+        .route("/v2/models/{name}/infer", post(infer))
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(infer_version),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/artifact",
+            get(artifact),
+        )
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::not_found("no such endpoint; see the Open Inference Protocol's /v2 routes")
+        })
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn server_metadata() -> Response {
+    axum::Json(json!({
+        "name": "tether-relay",
+        "version": crate::VERSION,
+        "extensions": ["binary_tensor_data"],
+    }))
+    .into_response()
+}
+
+async fn server_ready(AxState(state): AxState<State>) -> StatusCode {
+    if state.0.engine.models().next().is_some() || state.0.upstream.models().next().is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// Authenticates (when tokens are configured) and checks the device may use `model`.
+fn authorize(state: &State, headers: &HeaderMap, model: &str) -> Result<Option<Device>, ApiError> {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let device = state.0.auth.authenticate(auth)?;
+    if let Some(d) = &device {
+        d.check_model(model)?;
+    }
+    Ok(device)
+}
+
+fn unknown_model(state: &State, name: &str) -> ApiError {
+    let mut known: Vec<String> = state
+        .0
+        .engine
+        .models()
+        .map(|m| m.name().to_owned())
+        .collect();
+    known.extend(state.0.upstream.models().cloned());
+    known.sort();
+    known.dedup();
+    ApiError::not_found(format!(
+        "unknown model `{name}`; the models served here are: {}",
+        known.join(", ")
+    ))
+}
+
+/// The version a request names must be the one served.
+fn check_version(state: &State, name: &str, version: Option<&str>) -> Result<(), ApiError> {
+    let Some(version) = version else {
+        return Ok(());
+    };
+    if state.0.upstream.get(name).is_some() {
+        return Ok(()); // the upstream decides
+    }
+    let model = state
+        .0
+        .engine
+        .model(name)
+        .map_err(|_| unknown_model(state, name))?;
+    if model.spec().version == version {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!(
+            "model `{name}` has no version `{version}`; this relay serves version {}",
+            model.spec().version
+        )))
+    }
+}
+
+async fn model_metadata(
+    AxState(state): AxState<State>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    metadata(&state, &name, None, &headers)
+        .await
+        .into_response()
+}
+
+async fn model_metadata_version(
+    AxState(state): AxState<State>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    metadata(&state, &name, Some(&version), &headers)
+        .await
+        .into_response()
+}
+
+async fn metadata(
+    state: &State,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(state, headers, name)?;
+    check_version(state, name, version)?;
+    if let Some(up) = state.0.upstream.get(name) {
+        return Ok(axum::Json(state.0.upstream.metadata(up, name).await?).into_response());
+    }
+    let model = state
+        .0
+        .engine
+        .model(name)
+        .map_err(|_| unknown_model(state, name))?;
+    let spec = model.spec();
+    let tensors = |ts: &[models::manifest::TensorSpec]| -> Vec<Value> {
+        ts.iter()
+            .map(|t| json!({"name": t.name, "datatype": t.datatype.as_str(), "shape": t.shape}))
+            .collect()
+    };
+    Ok(axum::Json(json!({
+        "name": spec.name,
+        "versions": [spec.version],
+        "platform": "tract_onnx",
+        "inputs": tensors(&spec.inputs),
+        "outputs": tensors(&spec.outputs),
+        "parameters": {
+            "variant": model.variant().variant.as_str(),
+            "sha256": model.sha256(),
+            "max_batch_size": state.0.batchers.get(name).map_or(1, crate::batcher::Batcher::max_rows),
+            "labels": spec.labels,
+        },
+    }))
+    .into_response())
+}
+
+async fn model_ready(
+    AxState(state): AxState<State>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    ready(&state, &name, None, &headers).await.into_response()
+}
+
+async fn model_ready_version(
+    AxState(state): AxState<State>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    ready(&state, &name, Some(&version), &headers)
+        .await
+        .into_response()
+}
+
+async fn ready(
+    state: &State,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    authorize(state, headers, name)?;
+    check_version(state, name, version)?;
+    if let Some(up) = state.0.upstream.get(name) {
+        return if state.0.upstream.ready(up, name).await {
+            Ok(StatusCode::OK)
+        } else {
+            Err(ApiError::unavailable(format!(
+                "the upstream server of model `{name}` is not ready"
+            )))
+        };
+    }
+    if state.0.batchers.contains_key(name) {
+        Ok(StatusCode::OK)
+    } else {
+        Err(unknown_model(state, name))
+    }
+}
+
+async fn infer(
+    AxState(state): AxState<State>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    infer_any(state, name, None, headers, body).await
+}
+
+async fn infer_version(
+    AxState(state): AxState<State>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    infer_any(state, name, Some(version), headers, body).await
+}
+
+async fn infer_any(
+    state: State,
+    name: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let result = infer_inner(&state, &name, version.as_deref(), &headers, body).await;
+    // Count under the model's name only when it exists, so a scan of names cannot blow up the
+    // metrics' label space.
+    let label = if state.0.batchers.contains_key(&name) || state.0.upstream.get(&name).is_some() {
+        name.as_str()
+    } else {
+        "_unknown"
+    };
+    match result {
+        Ok(response) => {
+            state.0.metrics.count(label, "ok");
+            state.0.metrics.observe_latency(label, started.elapsed());
+            response
+        }
+        Err(e) => {
+            tracing::debug!(model = %name, status = e.status.as_u16(), error = %e.message, "Request refused.");
+            state.0.metrics.count(label, e.code());
+            e.into_response()
+        }
+    }
+}
+
+async fn infer_inner(
+    state: &State,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let device = authorize(state, headers, name)?;
+    if let Some(d) = &device {
+        state.0.auth.admit(&d.id, Instant::now())?;
+    }
+    check_version(state, name, version)?;
+    let limit = state.0.config.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over this relay's limit of {limit} bytes (limits.max_body_bytes)"),
+        )
+    })?;
+    let header_length = headers
+        .get(binary::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let json_len = match &header_length {
+        Some(v) => Some(v.trim().parse::<usize>().map_err(|_| {
+            ApiError::bad_request(format!(
+                "Inference-Header-Content-Length `{v}` is not a byte count"
+            ))
+        })?),
+        None => None,
+    };
+    let timeout = state.0.config.request_timeout;
+
+    if let Some(up) = state.0.upstream.get(name) {
+        let fwd = state
+            .0
+            .upstream
+            .infer(up, name, bytes, header_length.as_deref(), timeout)
+            .await?;
+        let mut resp = Response::new(Body::from(fwd.body));
+        *resp.status_mut() = fwd.status;
+        if let Some(len) = fwd
+            .header_length
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            resp.headers_mut().insert(binary::HEADER, len);
+        }
+        if let Some(ct) = fwd
+            .content_type
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+        }
+        return Ok(resp);
+    }
+
+    let model = state
+        .0
+        .engine
+        .model(name)
+        .map_err(|_| unknown_model(state, name))?
+        .clone();
+    let batcher = state
+        .0
+        .batchers
+        .get(name)
+        .ok_or_else(|| unknown_model(state, name))?;
+    let (request, inputs) = binary::parse_request(&bytes, json_len, state.0.config.max_elements)?;
+    if let Some(wanted) = &request.outputs
+        && let Some(missing) = wanted
+            .iter()
+            .find(|w| !model.spec().outputs.iter().any(|o| o.name == w.name))
+    {
+        return Err(ApiError::bad_request(format!(
+            "model `{name}` has no output named `{}`",
+            missing.name
+        )));
+    }
+    let (ordered, rows) = model.validate(inputs)?;
+    let outcome = tokio::time::timeout(timeout, batcher.submit(ordered, rows))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "model `{name}` did not answer within {} ms (limits.request_timeout_ms)",
+                    timeout.as_millis()
+                ),
+            )
+        })?
+        .map_err(|refused| match refused {
+            Refused::QueueFull => ApiError::unavailable(format!(
+                "model `{name}` has a full queue; retry later (batching.queue bounds it)"
+            )),
+            Refused::Stopped => {
+                ApiError::unavailable("the relay is shutting down; retry on another instance")
+            }
+        })?
+        .map_err(ApiError::from)?;
+    state
+        .0
+        .metrics
+        .observe_parts(name, outcome.queue, outcome.compute);
+    let mut outputs: Vec<ResponseOutput> = outcome
+        .outputs
+        .into_iter()
+        .map(ResponseOutput::from_tensor)
+        .collect();
+    if let Some(wanted) = &request.outputs {
+        outputs.retain(|o| wanted.iter().any(|w| w.name == o.name));
+    }
+    let response = InferenceResponse {
+        model_name: name.to_owned(),
+        model_version: Some(model.spec().version.clone()),
+        id: request.id.clone(),
+        parameters: Some(
+            [
+                ("queue_ms".to_owned(), json!(ms(outcome.queue))),
+                ("compute_ms".to_owned(), json!(ms(outcome.compute))),
+                ("batch_rows".to_owned(), json!(outcome.batch_rows)),
+            ]
+            .into_iter()
+            .collect(),
+        ),
+        outputs,
+    };
+    let (body, json_len) = binary::encode_response(response, &request);
+    let mut resp = Response::new(Body::from(body));
+    match json_len {
+        Some(len) => {
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            resp.headers_mut()
+                .insert(binary::HEADER, HeaderValue::from(len));
+        }
+        None => {
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+    }
+    Ok(resp)
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+#[derive(Debug, Deserialize)]
+struct ArtifactQuery {
+    variant: Option<String>,
+}
+
+/// A model file for device updates: `?variant=device` (the default) or `cloud` or `source`.
+/// The sha256 is the ETag; `Range: bytes=a-b` resumes an interrupted download.
+async fn artifact(
+    AxState(state): AxState<State>,
+    Path((name, version)): Path<(String, String)>,
+    Query(q): Query<ArtifactQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, &name)?;
+    let manifest = state.0.engine.manifest();
+    let spec = manifest
+        .model(&name)
+        .map_err(|_| unknown_model(&state, &name))?;
+    if spec.version != version {
+        return Err(ApiError::not_found(format!(
+            "model `{name}` has no version `{version}`; the zoo holds {}",
+            spec.version
+        )));
+    }
+    let variant: Variant = q
+        .variant
+        .as_deref()
+        .unwrap_or("device")
+        .parse()
+        .map_err(ApiError::bad_request)?;
+    let file = spec
+        .variant(variant)
+        .ok_or_else(|| ApiError::not_found(format!("model `{name}` has no {variant} file")))?
+        .clone();
+    let etag = format!("\"{}\"", file.sha256);
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        == Some(etag.as_str())
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let bytes = tokio::fs::read(manifest.path_of(&file.file))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read {}: {e}", file.file),
+            )
+        })?;
+    let total = bytes.len();
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (status, start, end) = match range {
+        None => (StatusCode::OK, 0, total),
+        Some(r) => match parse_range(r, total) {
+            Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
+            None => {
+                return Ok((
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    [(header::CONTENT_RANGE, format!("bytes */{total}"))],
+                    axum::Json(json!({"error": format!("range `{r}` is not satisfiable for a file of {total} bytes")})),
+                )
+                    .into_response());
+            }
+        },
+    };
+    let mut resp = Response::new(Body::from(Bytes::copy_from_slice(&bytes[start..end])));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{total}", end - 1))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    Ok(resp)
+}
+
+/// One `bytes=a-b`, `bytes=a-` or `bytes=-n` range, as a half-open interval.
+fn parse_range(r: &str, total: usize) -> Option<(usize, usize)> {
+    let spec = r.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None; // one range is all a resuming download needs
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: usize = n.parse().ok()?;
+            (total.checked_sub(n.min(total))?, total)
+        }
+        (s, "") => (s.parse().ok()?, total),
+        (s, e) => (
+            s.parse().ok()?,
+            e.parse::<usize>().ok()?.checked_add(1)?.min(total),
+        ),
+    };
+    (start < end && start < total).then_some((start, end))
+}
+
+async fn metrics(AxState(state): AxState<State>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.0.metrics.render(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 10)));
+        assert_eq!(parse_range("bytes=90-", 100), Some((90, 100)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 100)));
+        assert_eq!(parse_range("bytes=95-200", 100), Some((95, 100)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=5-2", 100), None);
+        assert_eq!(parse_range("bytes=0-1,4-5", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+    }
+}
