@@ -15,6 +15,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("TETHER_POOL", "pool"),
     ("TETHER_MODELS", "models_dir"),
     ("TETHER_MQTT_BROKER", "mqtt.broker"),
+    ("TETHER_MQTT_PROTOCOL", "mqtt.protocol"),
     ("TETHER_MQTT_CLIENT_ID", "mqtt.client_id"),
     ("TETHER_MQTT_USERNAME", "mqtt.username"),
     ("TETHER_MQTT_PASSWORD", "mqtt.password"),
@@ -53,6 +54,9 @@ pub struct RawConfig {
 pub struct RawMqtt {
     /// `mqtt://host:port` or `mqtts://host:port` (TLS).
     pub broker: String,
+    /// `v5` (default: response topics, correlation data, shared-subscription pools) or `v311`
+    /// for brokers that speak only MQTT 3.1.1 (requesters then use `parameters.reply_to`).
+    pub protocol: Protocol,
     /// Default: `tether-{device_id}`. Must be stable across restarts for the persistent session.
     pub client_id: Option<String>,
     pub username: Option<String>,
@@ -119,6 +123,7 @@ impl Default for RawMqtt {
     fn default() -> Self {
         RawMqtt {
             broker: "mqtt://127.0.0.1:1883".into(),
+            protocol: Protocol::V5,
             client_id: None,
             username: None,
             password: None,
@@ -159,6 +164,14 @@ impl Default for RawEmbeddedBroker {
 /// Where `--embedded-broker` listens when given no address.
 pub const DEFAULT_EMBEDDED_LISTEN: &str = "127.0.0.1:1883";
 
+/// The MQTT protocol version the agent speaks to its broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    V5,
+    V311,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -174,6 +187,7 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct MqttConfig {
+    pub protocol: Protocol,
     pub host: String,
     pub port: u16,
     pub tls: Option<TlsConfig>,
@@ -448,6 +462,7 @@ impl RawConfig {
             return None;
         }
         Some(MqttConfig {
+            protocol: m.protocol,
             host,
             port,
             tls,

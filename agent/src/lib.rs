@@ -15,9 +15,6 @@ use std::path::PathBuf;
 use std::time::SystemTime;
 
 use models::{EngineConfig, ModelError, Variant};
-use rumqttc::v5::AsyncClient;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::LastWill;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -84,8 +81,12 @@ pub async fn run(
         Some(b) => {
             let addrs = broker::start(b, config.mqtt.max_payload_bytes)?;
             if b.connect {
-                config.mqtt.host = addrs.v5.ip().to_string();
-                config.mqtt.port = addrs.v5.port();
+                let addr = match config.mqtt.protocol {
+                    config::Protocol::V5 => addrs.v5,
+                    config::Protocol::V311 => addrs.v311,
+                };
+                config.mqtt.host = addr.ip().to_string();
+                config.mqtt.port = addr.port();
             }
             Some(addrs)
         }
@@ -97,8 +98,8 @@ pub async fn run(
     let engine = tokio::task::spawn_blocking(move || {
         EngineConfig {
             variant: Variant::Device,
-            only: Vec::new(),
             max_elements,
+            ..EngineConfig::default()
         }
         .build(dir)
     })
@@ -129,7 +130,6 @@ pub async fn run(
         }))
         .unwrap_or_default()
     };
-    let will = LastWill::new(topics.status(), status(false), QoS::AtLeastOnce, true, None);
     let pipeline = serve::Pipeline::start(
         &config.inference,
         &config.device_id,
@@ -143,10 +143,11 @@ pub async fn run(
     let mut drivers = Vec::new();
     // The device's own connection; room in its client for every queued reply plus acks.
     let capacity = config.inference.queue * 2 + 64;
-    let (client, eventloop) = AsyncClient::new(
-        mqtt::options(&config.mqtt, mqtt::Session::Device { will }),
-        capacity,
-    );
+    let will = mqtt::Session::Device {
+        will_topic: topics.status(),
+        will_payload: status(false),
+    };
+    let (client, eventloop) = mqtt::connect(&config.mqtt, will, capacity);
     let (connected_tx, connected_rx) = watch::channel(false);
     let intake = pipeline.intake(serve::Link::new(client.clone()));
     drivers.push(tokio::spawn(
@@ -167,8 +168,7 @@ pub async fn run(
     let mut pool_client = None;
     let mut pool_connected = None;
     if let Some(filter) = topics.pool_filter() {
-        let (pclient, peventloop) =
-            AsyncClient::new(mqtt::options(&config.mqtt, mqtt::Session::Pool), capacity);
+        let (pclient, peventloop) = mqtt::connect(&config.mqtt, mqtt::Session::Pool, capacity);
         let intake = pipeline.intake(serve::Link::new(pclient.clone()));
         let (pool_connected_tx, pool_rx) = watch::channel(false);
         pool_connected = Some(pool_rx);
@@ -212,10 +212,10 @@ pub async fn run(
             "Grace period over with requests still running; they stay unacknowledged and will be delivered again."
         );
     }
-    let _ = client.try_publish(topics.status(), QoS::AtLeastOnce, true, status(false));
-    let _ = client.try_disconnect();
+    let _ = client.try_publish_retained(&topics.status(), status(false));
+    client.try_disconnect();
     if let Some(pclient) = pool_client {
-        let _ = pclient.try_disconnect();
+        pclient.try_disconnect();
     }
     // Each driver exits once its DISCONNECT is out; don't wait on a dead broker forever.
     if tokio::time::timeout(std::time::Duration::from_secs(2), join_all(drivers))

@@ -108,6 +108,10 @@ enum Command {
         /// Threads calling each model at once.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Run every batch size on the one symbolic-batch plan instead of a plan specialised to
+        /// the batch size (to measure what specialisation buys).
+        #[arg(long)]
+        generic_plan: bool,
     },
 }
 
@@ -168,14 +172,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
             seconds,
             threads,
-        } => bench(
-            &agent::models_dir(models),
-            model,
-            variant,
-            batch,
-            seconds,
-            threads,
-        ),
+            generic_plan,
+        } => {
+            let settings = BenchSettings {
+                batch,
+                seconds,
+                threads,
+                batch_plans: !generic_plan,
+            };
+            bench(&agent::models_dir(models), model, variant, &settings)
+        }
     }
 }
 
@@ -435,14 +441,27 @@ fn read_stdin() -> anyhow::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// The knobs of `tether-agent bench`.
+#[derive(Debug)]
+struct BenchSettings {
+    batch: usize,
+    seconds: f64,
+    threads: usize,
+    batch_plans: bool,
+}
+
 fn bench(
     dir: &std::path::Path,
     models: Vec<String>,
     variants: Vec<Variant>,
-    batch: usize,
-    seconds: f64,
-    threads: usize,
+    settings: &BenchSettings,
 ) -> anyhow::Result<()> {
+    let BenchSettings {
+        batch,
+        seconds,
+        threads,
+        batch_plans,
+    } = *settings;
     if !(seconds.is_finite() && seconds > 0.0) {
         bail!("--seconds must be a positive number, not {seconds}");
     }
@@ -457,6 +476,7 @@ fn bench(
         let engine = EngineConfig {
             variant,
             only: models.clone(),
+            batch_plans,
             ..EngineConfig::default()
         }
         .build(dir)?;

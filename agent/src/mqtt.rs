@@ -1,75 +1,358 @@
-//! The MQTT connection: options built from the config, and the one driver task that owns the
-//! rumqttc event loop. Everyone else publishes through the cheap, cloneable `AsyncClient`.
+//! The MQTT connection, in MQTT v5 or 3.1.1: options built from the config, a cheap cloneable
+//! [`Client`] handle, and the one [`Driver`] task that owns the rumqttc event loop.
 //!
 //! The driver never blocks: incoming requests go to a non-blocking `dispatch` callback, and the
 //! subscriptions and status it sends on (re)connection use the client's `try_` calls.
 
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish, PublishProperties};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Filter, PublishProperties, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::{QoS as QoS5, v5};
 use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, Protocol};
+use crate::protocol::ReplyRoute;
 
 /// Which of the agent's connections: its own (persistent session, last will) or its pool's.
 #[derive(Debug, Clone)]
 pub enum Session {
     /// The device's own requests: a persistent session, so requests wait while it is away.
-    Device { will: LastWill },
+    /// The last will (retained) marks the device offline.
+    Device {
+        will_topic: String,
+        will_payload: Vec<u8>,
+    },
     /// Pool work, on a second connection with a clean session: while this agent is away, the
     /// broker hands the pool's requests to the others. (A persistent session with a shared
     /// subscription also crashes rumqttd 0.20's router when the client disconnects.)
     Pool,
 }
 
-/// Builds the client options: session, manual acks, last will, TLS, credentials.
-pub fn options(cfg: &MqttConfig, session: Session) -> MqttOptions {
+/// A request as received, whatever the protocol.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    /// MQTT v5 Response Topic and Correlation Data (never set in 3.1.1).
+    pub response_topic: Option<String>,
+    pub correlation: Option<Vec<u8>>,
+    /// MQTT v5 Message Expiry Interval, in seconds.
+    pub expiry_secs: Option<u32>,
+    ack: Ack,
+}
+
+#[derive(Debug, Clone)]
+enum Ack {
+    V5(v5::Publish),
+    V311(rumqttc::Publish),
+}
+
+impl Incoming {
+    fn from_v5(p: v5::Publish) -> Incoming {
+        let (response_topic, correlation, expiry_secs) = match &p.properties {
+            Some(props) => (
+                props.response_topic.clone(),
+                props.correlation_data.as_ref().map(|c| c.to_vec()),
+                props.message_expiry_interval,
+            ),
+            None => (None, None, None),
+        };
+        Incoming {
+            topic: p.topic.clone(),
+            payload: p.payload.clone(),
+            response_topic,
+            correlation,
+            expiry_secs,
+            ack: Ack::V5(p),
+        }
+    }
+
+    fn from_v311(p: rumqttc::Publish) -> Incoming {
+        Incoming {
+            topic: Bytes::copy_from_slice(p.topic.as_bytes()),
+            payload: p.payload.clone(),
+            response_topic: None,
+            correlation: None,
+            expiry_secs: None,
+            ack: Ack::V311(p),
+        }
+    }
+}
+
+/// The handle through which everyone publishes and acknowledges: cheap to clone.
+#[derive(Debug, Clone)]
+pub enum Client {
+    V5(rumqttc::v5::AsyncClient),
+    V311(rumqttc::AsyncClient),
+}
+
+/// The event loop the driver owns.
+#[allow(clippy::large_enum_variant, reason = "one per connection")]
+pub enum EventLoop {
+    V5(rumqttc::v5::EventLoop),
+    V311(rumqttc::EventLoop),
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EventLoop::V5(_) => "EventLoop(v5)",
+            EventLoop::V311(_) => "EventLoop(v3.1.1)",
+        })
+    }
+}
+
+/// Builds the client and event loop of one connection: session, manual acks, last will, TLS,
+/// credentials, no Nagle. `capacity` bounds the client's request channel.
+pub fn connect(cfg: &MqttConfig, session: Session, capacity: usize) -> (Client, EventLoop) {
     let client_id = match session {
         Session::Device { .. } => cfg.client_id.clone(),
         Session::Pool => format!("{}-pool", cfg.client_id),
     };
-    let mut o = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
-    o.set_keep_alive(cfg.keep_alive).set_manual_acks(true);
-    no_delay(&mut o);
-    match session {
-        Session::Device { will } => {
-            o.set_clean_start(false)
-                .set_session_expiry_interval(Some(cfg.session_expiry_secs))
-                .set_last_will(will);
-        }
-        Session::Pool => {
-            o.set_clean_start(true);
-        }
-    }
-    o
-        // Replies can be as large as requests (a probability map is as big as its image).
-        .set_max_packet_size(Some(
-            u32::try_from(cfg.max_payload_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
-        ))
-        .set_connection_timeout(10);
-    if let Some((user, pass)) = &cfg.credentials {
-        o.set_credentials(user.clone(), pass.clone());
-    }
-    if let Some(tls) = &cfg.tls {
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+    let persistent = matches!(session, Session::Device { .. });
+    // Replies can be as large as requests (a probability map is as big as its image).
+    let max_packet = cfg.max_payload_bytes.saturating_mul(2).max(1 << 20);
+    let transport = cfg.tls.as_ref().map(|tls| {
+        Transport::tls_with_config(TlsConfiguration::Simple {
             ca: tls.ca_pem.clone(),
             alpn: None,
             client_auth: tls.client_auth.clone(),
-        }));
+        })
+    });
+    match cfg.protocol {
+        Protocol::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+            o.set_keep_alive(cfg.keep_alive)
+                .set_manual_acks(true)
+                .set_clean_start(!persistent)
+                .set_max_packet_size(Some(u32::try_from(max_packet).unwrap_or(u32::MAX)))
+                .set_connection_timeout(10)
+                .set_network_options(no_delay());
+            if let Session::Device {
+                will_topic,
+                will_payload,
+            } = session
+            {
+                o.set_session_expiry_interval(Some(cfg.session_expiry_secs))
+                    .set_last_will(v5::LastWill::new(
+                        will_topic,
+                        will_payload,
+                        QoS5::AtLeastOnce,
+                        true,
+                        None,
+                    ));
+            }
+            if let Some((user, pass)) = &cfg.credentials {
+                o.set_credentials(user.clone(), pass.clone());
+            }
+            if let Some(t) = transport {
+                o.set_transport(t);
+            }
+            let (c, e) = rumqttc::v5::AsyncClient::new(o, capacity);
+            (Client::V5(c), EventLoop::V5(e))
+        }
+        Protocol::V311 => {
+            let mut o = rumqttc::MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+            o.set_keep_alive(cfg.keep_alive)
+                .set_manual_acks(true)
+                .set_clean_session(!persistent)
+                .set_max_packet_size(max_packet, max_packet);
+            if let Session::Device {
+                will_topic,
+                will_payload,
+            } = session
+            {
+                o.set_last_will(rumqttc::LastWill::new(
+                    will_topic,
+                    will_payload,
+                    rumqttc::QoS::AtLeastOnce,
+                    true,
+                ));
+            }
+            if let Some((user, pass)) = &cfg.credentials {
+                o.set_credentials(user.clone(), pass.clone());
+            }
+            if let Some(t) = transport {
+                o.set_transport(t);
+            }
+            let (c, mut e) = rumqttc::AsyncClient::new(o, capacity);
+            e.set_network_options(no_delay());
+            (Client::V311(c), EventLoop::V311(e))
+        }
     }
-    o
 }
 
-/// Turns Nagle's algorithm off: requests and replies are small and latency-bound, and with it a
-/// lone round trip waits out the peer's delayed ACK (about 40 ms each way).
-pub fn no_delay(o: &mut MqttOptions) {
+/// Network options with Nagle's algorithm off: requests and replies are small and
+/// latency-bound, and with it a lone round trip waits out the peer's delayed ACK (about 40 ms).
+pub fn no_delay() -> rumqttc::NetworkOptions {
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
-    o.set_network_options(net);
+    net
+}
+
+/// Properties of a reply to an MQTT v5 request (one that came with a response topic or
+/// correlation data): the correlation data copied back and the JSON content type.
+///
+/// Replies to other requests carry no properties at all: rumqttd 0.20 panics its 3.1.1
+/// listener when it forwards a message with properties to a 3.1.1 subscriber, and such
+/// requesters are exactly the 3.1.1 clients.
+pub fn reply_properties(route: &ReplyRoute) -> Option<PublishProperties> {
+    route.v5.then(|| PublishProperties {
+        correlation_data: route.correlation.clone().map(Into::into),
+        content_type: Some("application/json".into()),
+        ..PublishProperties::default()
+    })
+}
+
+impl Client {
+    /// Publishes a QoS 1 reply; waits while the client's request channel is full.
+    pub async fn publish_reply(&self, route: ReplyRoute, body: Vec<u8>) -> Result<(), String> {
+        match self {
+            Client::V5(c) => match reply_properties(&route) {
+                Some(props) => {
+                    c.publish_with_properties(route.topic, QoS5::AtLeastOnce, false, body, props)
+                        .await
+                }
+                None => c.publish(route.topic, QoS5::AtLeastOnce, false, body).await,
+            }
+            .map_err(|e| e.to_string()),
+            Client::V311(c) => c
+                .publish(route.topic, rumqttc::QoS::AtLeastOnce, false, body)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The non-blocking form of [`Client::publish_reply`].
+    pub fn try_publish_reply(&self, route: ReplyRoute, body: Vec<u8>) -> Result<(), String> {
+        match self {
+            Client::V5(c) => match reply_properties(&route) {
+                Some(props) => c.try_publish_with_properties(
+                    route.topic,
+                    QoS5::AtLeastOnce,
+                    false,
+                    body,
+                    props,
+                ),
+                None => c.try_publish(route.topic, QoS5::AtLeastOnce, false, body),
+            }
+            .map_err(|e| e.to_string()),
+            Client::V311(c) => c
+                .try_publish(route.topic, rumqttc::QoS::AtLeastOnce, false, body)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Publishes a retained QoS 1 message without waiting (the status).
+    pub fn try_publish_retained(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Client::V5(c) => c
+                .try_publish(topic, QoS5::AtLeastOnce, true, payload)
+                .map_err(|e| e.to_string()),
+            Client::V311(c) => c
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Acknowledges a request to the broker (a no-op for QoS 0).
+    pub fn try_ack(&self, m: &Incoming) -> Result<(), String> {
+        match (self, &m.ack) {
+            (Client::V5(c), Ack::V5(p)) => c.try_ack(p).map_err(|e| e.to_string()),
+            (Client::V311(c), Ack::V311(p)) => c.try_ack(p).map_err(|e| e.to_string()),
+            _ => Err("a request acknowledged on a connection of another protocol".into()),
+        }
+    }
+
+    fn try_subscribe_all(&self, filters: &[String]) -> Result<(), String> {
+        match self {
+            Client::V5(c) => c
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|f| Filter::new(f.clone(), QoS5::AtLeastOnce)),
+                )
+                .map_err(|e| e.to_string()),
+            Client::V311(c) => c
+                .try_subscribe_many(
+                    filters.iter().map(|f| {
+                        rumqttc::SubscribeFilter::new(f.clone(), rumqttc::QoS::AtLeastOnce)
+                    }),
+                )
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Sends DISCONNECT (the last will is not published).
+    pub fn try_disconnect(&self) {
+        let _ = match self {
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V311(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        };
+    }
+}
+
+/// What one poll of the event loop amounts to.
+enum Polled {
+    Connected { session_present: bool },
+    Subscribed { refused: Option<String> },
+    Message(Box<Incoming>),
+    SentDisconnect,
+    Nothing,
+    Lost(String),
+}
+
+impl EventLoop {
+    async fn next(&mut self) -> Polled {
+        match self {
+            EventLoop::V5(e) => {
+                use rumqttc::v5::Event;
+                use rumqttc::v5::mqttbytes::v5::Packet;
+                match e.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(a))) => Polled::Connected {
+                        session_present: a.session_present,
+                    },
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        Polled::Message(Box::new(Incoming::from_v5(p)))
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(a))) => Polled::Subscribed {
+                        refused: a
+                            .return_codes
+                            .iter()
+                            .any(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                            .then(|| format!("{:?}", a.return_codes)),
+                    },
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Polled::SentDisconnect,
+                    Ok(_) => Polled::Nothing,
+                    Err(e) => Polled::Lost(e.to_string()),
+                }
+            }
+            EventLoop::V311(e) => {
+                use rumqttc::{Event, Packet, SubscribeReasonCode as Code};
+                match e.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(a))) => Polled::Connected {
+                        session_present: a.session_present,
+                    },
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        Polled::Message(Box::new(Incoming::from_v311(p)))
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(a))) => Polled::Subscribed {
+                        refused: a
+                            .return_codes
+                            .iter()
+                            .any(|c| matches!(c, Code::Failure))
+                            .then(|| format!("{:?}", a.return_codes)),
+                    },
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Polled::SentDisconnect,
+                    Ok(_) => Polled::Nothing,
+                    Err(e) => Polled::Lost(e.to_string()),
+                }
+            }
+        }
+    }
 }
 
 /// A retained message, for the status topic.
@@ -111,13 +394,15 @@ impl Backoff {
 /// The task that owns the event loop.
 pub struct Driver<D> {
     pub eventloop: EventLoop,
-    pub client: AsyncClient,
+    pub client: Client,
     /// Subscribed (again) on every connection.
     pub filters: Vec<String>,
     /// Published on every connection (the online status).
     pub on_connect: Option<Retained>,
-    /// Called with every incoming publish; must not block.
+    /// Called with every incoming request; must not block.
     pub dispatch: D,
+    /// Turns true once the broker has acknowledged the subscriptions, false when the
+    /// connection is lost.
     pub connected_tx: watch::Sender<bool>,
     pub backoff: Backoff,
 }
@@ -130,57 +415,44 @@ impl<D> std::fmt::Debug for Driver<D> {
     }
 }
 
-impl<D: FnMut(Publish)> Driver<D> {
+impl<D: FnMut(Incoming)> Driver<D> {
     /// Runs until `stop` is cancelled, or until our own DISCONNECT has gone out.
     pub async fn run(mut self, stop: CancellationToken) {
         loop {
-            let event = tokio::select! {
-                event = self.eventloop.poll() => event,
+            let polled = tokio::select! {
+                polled = self.eventloop.next() => polled,
                 () = stop.cancelled() => return,
             };
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+            match polled {
+                Polled::Connected { session_present } => {
                     self.backoff.reset();
-                    tracing::info!(
-                        session_present = ack.session_present,
-                        "Connected to the MQTT broker."
-                    );
-                    let subs = self.filters.iter().map(|f| {
-                        rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), QoS::AtLeastOnce)
-                    });
-                    if let Err(e) = self.client.try_subscribe_many(subs) {
+                    tracing::info!(session_present, "Connected to the MQTT broker.");
+                    if let Err(e) = self.client.try_subscribe_all(&self.filters) {
                         tracing::error!(error = %e, "Could not queue the subscriptions.");
                     }
                     if let Some(status) = &self.on_connect
-                        && let Err(e) = self.client.try_publish(
-                            status.topic.clone(),
-                            QoS::AtLeastOnce,
-                            true,
-                            status.payload.clone(),
-                        )
+                        && let Err(e) = self
+                            .client
+                            .try_publish_retained(&status.topic, status.payload.clone())
                     {
                         tracing::warn!(error = %e, "Could not queue the online status.");
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) => (self.dispatch)(publish),
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    if ack.return_codes.iter().any(|c| {
-                        !matches!(
-                            c,
-                            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
-                        )
-                    }) {
-                        tracing::error!(codes = ?ack.return_codes, "The broker refused a subscription: requests on it will not arrive.");
-                    } else {
-                        self.connected_tx.send_replace(true);
-                    }
+                Polled::Message(m) => (self.dispatch)(*m),
+                Polled::Subscribed {
+                    refused: Some(codes),
+                } => {
+                    tracing::error!(%codes, "The broker refused a subscription: requests on it will not arrive.");
                 }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                Polled::Subscribed { refused: None } => {
+                    self.connected_tx.send_replace(true);
+                }
+                Polled::SentDisconnect => {
                     self.connected_tx.send_replace(false);
                     return;
                 }
-                Ok(_) => {}
-                Err(e) => {
+                Polled::Nothing => {}
+                Polled::Lost(e) => {
                     self.connected_tx.send_replace(false);
                     let delay = self.backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis(), "MQTT connection lost; reconnecting.");
@@ -191,69 +463,6 @@ impl<D: FnMut(Publish)> Driver<D> {
                 }
             }
         }
-    }
-}
-
-/// Properties of a reply to an MQTT v5 request (one that came with a response topic or
-/// correlation data): the correlation data copied back and the JSON content type.
-///
-/// Replies to other requests carry no properties at all: rumqttd 0.20 panics its 3.1.1
-/// listener when it forwards a message with properties to a 3.1.1 subscriber, and such
-/// requesters are exactly the 3.1.1 clients.
-pub fn reply_properties(route: &crate::protocol::ReplyRoute) -> Option<PublishProperties> {
-    route.v5.then(|| PublishProperties {
-        correlation_data: route.correlation.clone().map(Into::into),
-        content_type: Some("application/json".into()),
-        ..PublishProperties::default()
-    })
-}
-
-/// Publishes a QoS 1 reply, with properties only where [`reply_properties`] gives some.
-pub async fn publish_reply(
-    client: &AsyncClient,
-    route: crate::protocol::ReplyRoute,
-    body: Vec<u8>,
-) -> Result<(), rumqttc::v5::ClientError> {
-    match reply_properties(&route) {
-        Some(props) => {
-            client
-                .publish_with_properties(route.topic, QoS::AtLeastOnce, false, body, props)
-                .await
-        }
-        None => {
-            client
-                .publish(route.topic, QoS::AtLeastOnce, false, body)
-                .await
-        }
-    }
-}
-
-/// The non-blocking form of [`publish_reply`].
-#[allow(
-    clippy::result_large_err,
-    reason = "rumqttc's error type, passed through as is"
-)]
-pub fn try_publish_reply(
-    client: &AsyncClient,
-    route: crate::protocol::ReplyRoute,
-    body: Vec<u8>,
-) -> Result<(), rumqttc::v5::ClientError> {
-    match reply_properties(&route) {
-        Some(props) => {
-            client.try_publish_with_properties(route.topic, QoS::AtLeastOnce, false, body, props)
-        }
-        None => client.try_publish(route.topic, QoS::AtLeastOnce, false, body),
-    }
-}
-
-/// The response topic and correlation data of a request, if it has them.
-pub fn request_properties(p: &Publish) -> (Option<&str>, Option<&[u8]>) {
-    match &p.properties {
-        Some(props) => (
-            props.response_topic.as_deref(),
-            props.correlation_data.as_deref(),
-        ),
-        None => (None, None),
     }
 }
 
@@ -271,5 +480,22 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn only_v5_requests_get_reply_properties() {
+        let v5 = ReplyRoute {
+            topic: "r".into(),
+            correlation: Some(b"c".to_vec()),
+            v5: true,
+        };
+        let props = reply_properties(&v5).unwrap();
+        assert_eq!(props.correlation_data.as_deref(), Some(&b"c"[..]));
+        let plain = ReplyRoute {
+            topic: "r".into(),
+            correlation: None,
+            v5: false,
+        };
+        assert!(reply_properties(&plain).is_none());
     }
 }

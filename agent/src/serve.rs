@@ -14,20 +14,18 @@ use std::time::Instant;
 
 use models::Engine;
 use models::v2::InferenceRequest;
-use rumqttc::v5::AsyncClient;
-use rumqttc::v5::mqttbytes::v5::Publish;
 use serde_json::{Value, json};
 
 use crate::config::InferenceConfig;
 use crate::infer::run_request;
-use crate::mqtt::{publish_reply, request_properties, try_publish_reply};
+use crate::mqtt::{Client, Incoming};
 use crate::protocol::{ErrorCode, ErrorReply, ReplyRoute, Topics, reply_route};
 
 /// One MQTT connection as the pipeline sees it: the client to reply and acknowledge through,
 /// and the order its requests arrived in.
 #[derive(Debug)]
 pub struct Link {
-    client: AsyncClient,
+    client: Client,
     acks: Mutex<AckOrder>,
 }
 
@@ -38,11 +36,11 @@ struct AckOrder {
     issued: u64,
     next: u64,
     /// Finished requests waiting for earlier ones; `None` means "nothing to acknowledge".
-    done: BTreeMap<u64, Option<Publish>>,
+    done: BTreeMap<u64, Option<Incoming>>,
 }
 
 impl Link {
-    pub fn new(client: AsyncClient) -> Arc<Link> {
+    pub fn new(client: Client) -> Arc<Link> {
         Arc::new(Link {
             client,
             acks: Mutex::new(AckOrder::default()),
@@ -56,7 +54,7 @@ impl Link {
     }
 
     /// Marks a request finished; with `ack` false it stays unacknowledged (for redelivery).
-    fn finish(&self, ticket: u64, publish: Publish, ack: bool) {
+    fn finish(&self, ticket: u64, publish: Incoming, ack: bool) {
         let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
         acks.done.insert(ticket, ack.then_some(publish));
         loop {
@@ -77,7 +75,7 @@ impl Link {
 /// One request waiting for a worker.
 #[derive(Debug)]
 pub struct Job {
-    publish: Publish,
+    publish: Incoming,
     ticket: u64,
     link: Arc<Link>,
     model: String,
@@ -98,7 +96,7 @@ pub struct Intake {
 
 impl Intake {
     /// Takes one incoming publish. Never blocks.
-    pub fn dispatch(&self, publish: Publish) {
+    pub fn dispatch(&self, publish: Incoming) {
         let ticket = self.link.ticket();
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             tracing::warn!("Ignored a message whose topic is not UTF-8.");
@@ -151,7 +149,7 @@ impl Intake {
     }
 
     /// Replies with a coded error at once, from the driver's task.
-    fn refuse(&self, ticket: u64, publish: Publish, model: &str, code: ErrorCode, error: &str) {
+    fn refuse(&self, ticket: u64, publish: Incoming, model: &str, code: ErrorCode, error: &str) {
         tracing::debug!(%model, ?code, %error, "Request refused.");
         let route = early_route(&self.topics, &publish, model);
         let body = ErrorReply {
@@ -160,7 +158,7 @@ impl Intake {
             code,
         }
         .to_json();
-        let sent = try_publish_reply(&self.link.client, route, body);
+        let sent = self.link.client.try_publish_reply(route, body);
         if let Err(e) = &sent {
             tracing::warn!(error = %e, "Could not queue an error reply; the request stays unacknowledged.");
         }
@@ -169,8 +167,11 @@ impl Intake {
 }
 
 /// The reply route known before the payload is parsed (no `parameters.reply_to` yet).
-fn early_route(topics: &Topics, publish: &Publish, model: &str) -> ReplyRoute {
-    let (response_topic, correlation) = request_properties(publish);
+fn early_route(topics: &Topics, publish: &Incoming, model: &str) -> ReplyRoute {
+    let (response_topic, correlation) = (
+        publish.response_topic.as_deref(),
+        publish.correlation.as_deref(),
+    );
     let reply_to = serde_json::from_slice::<Value>(&publish.payload)
         .ok()
         .and_then(|v| {
@@ -278,7 +279,7 @@ impl Worker {
             // is a worker thread, never the event loop.
             let sent = self
                 .runtime
-                .block_on(publish_reply(&job.link.client, route, body));
+                .block_on(job.link.client.publish_reply(route, body));
             if let Err(e) = &sent {
                 tracing::warn!(error = %e, "Could not hand a reply to the MQTT client; the request will be delivered again.");
             }
@@ -288,7 +289,10 @@ impl Worker {
 
     /// Parses, routes and runs one request; returns where the reply goes and its body.
     fn process(&self, job: &Job) -> (ReplyRoute, Vec<u8>) {
-        let (response_topic, correlation) = request_properties(&job.publish);
+        let (response_topic, correlation) = (
+            job.publish.response_topic.as_deref(),
+            job.publish.correlation.as_deref(),
+        );
         let default = self.topics.default_reply(&job.model);
         let request = match InferenceRequest::from_json(&job.publish.payload) {
             Ok(r) => r,

@@ -463,3 +463,38 @@ async fn mutual_tls_and_a_password_connect_and_a_wrong_password_does_not() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: cargo test -p agent --test mosquitto -- --ignored"]
+async fn an_agent_speaking_v311_serves_through_mosquitto() {
+    require("mosquitto_pub");
+    require("mosquitto_sub");
+    let broker = Mosquitto::start();
+    let url = broker.url();
+    let agent = TestAgent::start("mosq-311", |raw| {
+        raw.embedded_broker = None;
+        raw.mqtt.broker = url;
+        raw.mqtt.protocol = agent::config::Protocol::V311;
+    })
+    .await;
+    let port = broker.port;
+    let reply = sub(port, &["-V", "311", "-t", "cli/v311agent"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = golden_with("digits", json!({"reply_to": "cli/v311agent"}));
+    tokio::task::spawn_blocking(move || {
+        publish(
+            port,
+            &["-V", "311", "-t", "tether/mosq-311/infer/digits"],
+            &body,
+        )
+    })
+    .await
+    .unwrap();
+    let text = tokio::task::spawn_blocking(move || output_of(reply))
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(text.trim_end()).unwrap();
+    assert_eq!(v["model_name"], "digits");
+    assert_eq!(v["parameters"]["device_id"], "mosq-311");
+    agent.stop().await;
+}

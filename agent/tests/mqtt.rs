@@ -65,12 +65,14 @@ async fn v5_round_trip_copies_correlation_data_back() {
     agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v311_round_trip_uses_reply_to() {
+/// A 3.1.1 client asks `device` for a vibration result with `parameters.reply_to`.
+async fn v311_round_trip(addr: std::net::SocketAddr, device: &str) {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    let agent = TestAgent::start("dev-v311", |_| {}).await;
-    let addr = agent.v311_addr();
-    let mut options = MqttOptions::new("test-v311", addr.ip().to_string(), addr.port());
+    let mut options = MqttOptions::new(
+        format!("test-v311-{device}"),
+        addr.ip().to_string(),
+        addr.port(),
+    );
     options.set_max_packet_size(64 << 20, 64 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 100);
     client
@@ -78,18 +80,14 @@ async fn v311_round_trip_uses_reply_to() {
         .await
         .unwrap();
     let body = golden_with("vibration", json!({"reply_to": "my/replies"}));
+    let topic = format!("tether/{device}/infer/vibration");
     let mut sent = false;
     let reply = tokio::time::timeout(WAIT, async {
         loop {
             match eventloop.poll().await.unwrap() {
                 Event::Incoming(Packet::SubAck(_)) if !sent => {
                     client
-                        .publish(
-                            "tether/dev-v311/infer/vibration",
-                            QoS::AtLeastOnce,
-                            false,
-                            body.clone(),
-                        )
+                        .publish(topic.as_str(), QoS::AtLeastOnce, false, body.clone())
                         .await
                         .unwrap();
                     sent = true;
@@ -104,7 +102,24 @@ async fn v311_round_trip_uses_reply_to() {
     assert_eq!(reply.topic, "my/replies");
     let v: Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(v["model_name"], "vibration");
+    assert_eq!(v["parameters"]["device_id"], device);
     assert_eq!(top_labels(&v), golden_top_labels("vibration"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_round_trip_uses_reply_to() {
+    let agent = TestAgent::start("dev-v311", |_| {}).await;
+    v311_round_trip(agent.v311_addr(), "dev-v311").await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_speaking_v311_to_its_broker_serves_too() {
+    let agent = TestAgent::start("dev-agent311", |raw| {
+        raw.mqtt.protocol = agent::config::Protocol::V311
+    })
+    .await;
+    v311_round_trip(agent.v311_addr(), "dev-agent311").await;
     agent.stop().await;
 }
 

@@ -1,11 +1,14 @@
 //! Dynamic batching, one batcher task per model: take the first queued request, wait for a free
 //! inference worker, gather more until `max_batch_size` rows or `max_queue_delay`, run them
-//! as one call on a blocking thread, and hand each caller its own rows.
+//! as one call on a blocking thread, and hand each caller its own rows. When no other batch of
+//! the model is running and nothing else is queued, the request runs at once: a lone request
+//! never pays the queue delay.
 //!
 //! The queue is bounded: a full queue refuses at once (503), it never grows. tract runs only on
 //! the blocking threads, never on the async workers.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use models::engine::LoadedModel;
@@ -107,6 +110,8 @@ async fn run(
     metrics: Arc<Metrics>,
 ) {
     let mut carried: Option<Job> = None;
+    // Batches of this model being computed right now.
+    let running = Arc::new(AtomicUsize::new(0));
     loop {
         let first = match carried.take() {
             Some(job) => job,
@@ -126,6 +131,11 @@ async fn run(
         while rows < max_rows {
             let next = match rx.try_recv() {
                 Ok(job) => Some(job),
+                // Nothing else of this model is running: there is no load to batch with, and
+                // waiting would only add the queue delay to a lone request.
+                Err(mpsc::error::TryRecvError::Empty) if running.load(Ordering::Acquire) == 0 => {
+                    None
+                }
                 Err(mpsc::error::TryRecvError::Empty) => {
                     // None once the first request has waited long enough.
                     tokio::time::timeout_at(deadline, rx.recv())
@@ -145,6 +155,8 @@ async fn run(
         }
         let model = model.clone();
         let metrics = metrics.clone();
+        let running_now = running.clone();
+        running_now.fetch_add(1, Ordering::AcqRel);
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let (inputs, meta): (Vec<_>, Vec<_>) = jobs
@@ -163,6 +175,7 @@ async fn run(
                     batch_rows: rows,
                 }));
             }
+            running_now.fetch_sub(1, Ordering::AcqRel);
             drop(permit);
         });
     }

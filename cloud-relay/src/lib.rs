@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod batcher;
+pub mod bench;
 pub mod binary;
 pub mod config;
 pub mod error;
@@ -69,8 +70,8 @@ impl State {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let engine = EngineConfig {
             variant: config.variant,
-            only: Vec::new(),
             max_elements: config.max_elements,
+            ..EngineConfig::default()
         }
         .build(&config.models_dir)?;
         let metrics = Arc::new(Metrics::default());

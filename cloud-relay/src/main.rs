@@ -33,6 +33,22 @@ enum Command {
         /// The token (read from stdin when absent, so it stays out of the shell history).
         token: Option<String>,
     },
+    /// Measure the relay over HTTP on loopback, batching off and on, against the engine in
+    /// process. Starts its own relays on free ports.
+    Bench {
+        /// Models to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "digits,vibration")]
+        models: Vec<String>,
+        /// Concurrent closed-loop clients, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+        concurrency: Vec<usize>,
+        /// Measuring time per line.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// max_batch_size when batching is on.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,6 +83,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         println!("{}", cloud_relay::auth::hash_token(&token));
         return Ok(());
     }
+    if let Some(Command::Bench {
+        models,
+        concurrency,
+        seconds,
+        batch,
+    }) = cli.command
+    {
+        let mut raw = RawConfig::load(cli.config.as_deref())?;
+        if cli.models.is_some() {
+            raw.models_dir = cli.models;
+        }
+        return bench(raw, &models, &concurrency, seconds, batch);
+    }
     let mut raw = RawConfig::load(cli.config.as_deref())?;
     if let Some(listen) = cli.listen {
         raw.listen = listen;
@@ -87,6 +116,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cloud_relay::serve(state, listener, shutdown_signal()).await?;
         anyhow::Ok(())
     })
+}
+
+fn bench(
+    raw: RawConfig,
+    models: &[String],
+    concurrency: &[usize],
+    seconds: f64,
+    batch: usize,
+) -> anyhow::Result<()> {
+    use cloud_relay::bench;
+    anyhow::ensure!(
+        seconds.is_finite() && seconds > 0.0,
+        "--seconds must be a positive number, not {seconds}"
+    );
+    let duration = std::time::Duration::from_secs_f64(seconds);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut lines = Vec::new();
+    for model in models {
+        eprintln!("bench: {model}, engine in process, {seconds} s");
+        lines.push(bench::engine_line(&raw, model, duration)?);
+    }
+    for (mode, max_batch) in [("relay, batching off", 1), ("relay, batching on", batch)] {
+        let mut cfg = raw.clone();
+        cfg.listen = "127.0.0.1:0".into();
+        cfg.batching.max_batch_size = max_batch;
+        cfg.batching.queue = cfg.batching.queue.max(1024);
+        cfg.auth.tokens.clear();
+        let config = cfg.validate()?;
+        let mode = format!("{mode} ({max_batch})");
+        let more = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let state = cloud_relay::State::build(config)?;
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(cloud_relay::serve(state, listener, async move {
+                let _ = stop_rx.await;
+            }));
+            let mut out = Vec::new();
+            for model in models {
+                let (body, _) = bench::one_row(&raw, model)?;
+                for &c in concurrency {
+                    eprintln!("bench: {model}, {mode}, concurrency {c}, {seconds} s");
+                    out.push(bench::http_line(addr, model, &mode, body.clone(), c, duration).await);
+                }
+            }
+            let _ = stop_tx.send(());
+            let _ = server.await;
+            anyhow::Ok(out)
+        })?;
+        lines.extend(more);
+    }
+    print!("{}", bench::format_table(&lines));
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -36,6 +36,10 @@ pub struct EngineConfig {
     pub only: Vec<String>,
     /// Cap on the elements of one input tensor.
     pub max_elements: usize,
+    /// Build a plan specialised to each batch size (up to [`MAX_PLANNED_BATCH`]); when false,
+    /// every batch runs on the one plan with a symbolic batch axis. On for serving; the bench
+    /// turns it off to measure what specialisation buys.
+    pub batch_plans: bool,
 }
 
 impl Default for EngineConfig {
@@ -44,6 +48,7 @@ impl Default for EngineConfig {
             variant: Variant::Device,
             only: Vec::new(),
             max_elements: DEFAULT_MAX_ELEMENTS,
+            batch_plans: true,
         }
     }
 }
@@ -69,7 +74,12 @@ impl EngineConfig {
                     path: manifest.dir().to_path_buf(),
                     reason: format!("model `{}` has no {} variant", spec.name, self.variant),
                 })?;
-            let loaded = LoadedModel::load(&manifest, spec, variant, self.max_elements)?;
+            let mut loaded = LoadedModel::load(&manifest, spec, variant, self.max_elements)?;
+            if !self.batch_plans
+                && let Planner::Symbolic { batch_symbol, .. } = &mut loaded.planner
+            {
+                *batch_symbol = None;
+            }
             models.insert(spec.name.clone(), Arc::new(loaded));
         }
         Ok(Engine { manifest, models })

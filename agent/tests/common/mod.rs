@@ -124,7 +124,7 @@ impl Requester {
         );
         o.set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(Some(64 << 20));
-        agent::mqtt::no_delay(&mut o);
+        o.set_network_options(agent::mqtt::no_delay());
         if persistent {
             o.set_clean_start(false)
                 .set_session_expiry_interval(Some(600));
