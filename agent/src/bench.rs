@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use models::engine::LoadedModel;
 use models::manifest::{Manifest, TestSplit};
+use models::stats::percentile;
 use models::{ModelError, Tensor, TensorData, golden};
 
 /// What to measure.
@@ -151,20 +152,6 @@ pub fn bench_model(
     })
 }
 
-/// Nearest-rank percentile of sorted values; 0 for none.
-pub fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 /// A plain-text table of reports.
 pub fn format_table(reports: &[BenchReport]) -> String {
     let mut out = format!(
@@ -196,19 +183,4 @@ pub fn format_table(reports: &[BenchReport]) -> String {
         ));
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 0.50), 50.0);
-        assert_eq!(percentile(&v, 0.99), 99.0);
-        assert_eq!(percentile(&v, 1.0), 100.0);
-        assert_eq!(percentile(&[7.0], 0.99), 7.0);
-        assert_eq!(percentile(&[], 0.5), 0.0);
-    }
 }

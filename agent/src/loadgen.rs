@@ -13,7 +13,7 @@ use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::oneshot;
 
-use crate::bench::percentile;
+use models::stats::percentile;
 
 /// One concurrency level's figures.
 #[derive(Debug, Clone)]

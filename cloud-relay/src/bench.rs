@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use models::Tensor;
+use models::stats::percentile;
 use models::v2::InferenceRequest;
 
 use crate::config::RawConfig;
@@ -21,19 +22,6 @@ pub struct Line {
     pub requests_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 /// A one-row request for a model, from its test split.
