@@ -172,13 +172,20 @@ fn early_route(topics: &Topics, publish: &Incoming, model: &str) -> ReplyRoute {
         publish.response_topic.as_deref(),
         publish.correlation.as_deref(),
     );
-    let reply_to = serde_json::from_slice::<Value>(&publish.payload)
+    // This runs on the MQTT driver's task: read `parameters.reply_to` alone, skipping the
+    // tensors without building a JSON tree of them.
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        parameters: Option<ProbeParameters>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ProbeParameters {
+        reply_to: Option<String>,
+    }
+    let reply_to = serde_json::from_slice::<Probe>(&publish.payload)
         .ok()
-        .and_then(|v| {
-            v.pointer("/parameters/reply_to")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        });
+        .and_then(|p| p.parameters)
+        .and_then(|p| p.reply_to);
     reply_route(
         response_topic,
         correlation,

@@ -80,13 +80,7 @@ fn infer_on_every_golden_request_matches_onnx_runtime() {
         for (got, want) in response.outputs.iter().zip(&expected.outputs) {
             let (g, w) = (got.to_tensor().unwrap(), want.to_tensor().unwrap());
             assert_eq!(g.shape(), w.shape());
-            let worst = g
-                .data()
-                .to_f64_vec()
-                .iter()
-                .zip(w.data().to_f64_vec())
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f64::max);
+            let worst = g.max_abs_diff(&w);
             assert!(worst <= 1e-4, "{}: {worst}", spec.name);
         }
     }

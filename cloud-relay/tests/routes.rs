@@ -153,13 +153,7 @@ async fn json_inference_matches_the_cloud_goldens() {
             let got: models::v2::ResponseOutput = serde_json::from_value(got.clone()).unwrap();
             let (g, w) = (got.to_tensor().unwrap(), want.to_tensor().unwrap());
             assert_eq!(g.shape(), w.shape());
-            let worst = g
-                .data()
-                .to_f64_vec()
-                .iter()
-                .zip(w.data().to_f64_vec())
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f64::max);
+            let worst = g.max_abs_diff(&w);
             assert!(worst <= 1e-4, "{model}: {worst}");
         }
     }

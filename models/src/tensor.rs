@@ -294,6 +294,16 @@ impl Tensor {
         }
     }
 
+    /// The largest absolute difference between the elements of two tensors, widened to f64
+    /// (for comparing outputs against goldens; compare the shapes first).
+    pub fn max_abs_diff(&self, other: &Tensor) -> f64 {
+        let (a, b) = (self.data.to_f64_vec(), other.data.to_f64_vec());
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    }
+
     /// The same tensor under another name.
     pub fn renamed(mut self, name: impl Into<String>) -> Tensor {
         self.name = name.into();

@@ -68,12 +68,7 @@ fn outputs_match_the_onnx_runtime_goldens() {
                     model.name(),
                     want.name()
                 );
-                let (g, w) = (got.data().to_f64_vec(), want.data().to_f64_vec());
-                let worst = g
-                    .iter()
-                    .zip(&w)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f64::max);
+                let worst = got.max_abs_diff(&want);
                 eprintln!(
                     "golden {} {variant} {}: max abs diff {worst:e}",
                     model.name(),
@@ -168,13 +163,7 @@ fn a_batch_gives_each_request_its_own_rows() {
     for (b, s) in batched.into_iter().zip(single) {
         let b = b.unwrap();
         assert_eq!(b[0].shape(), s[0].shape());
-        let worst = b[0]
-            .data()
-            .to_f64_vec()
-            .iter()
-            .zip(s[0].data().to_f64_vec())
-            .map(|(a, c)| (a - c).abs())
-            .fold(0.0, f64::max);
+        let worst = b[0].max_abs_diff(&s[0]);
         assert!(worst < 1e-5, "batched and single results differ by {worst}");
     }
 }
