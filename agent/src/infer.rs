@@ -18,8 +18,18 @@ pub fn run_request(
     request: &InferenceRequest,
     top_k: usize,
 ) -> Result<InferenceResponse, ModelError> {
-    let started = Instant::now();
     let inputs = request.decode_inputs(model.max_elements())?;
+    run_decoded(model, request, inputs, top_k)
+}
+
+/// [`run_request`] for inputs already decoded from `request`.
+pub fn run_decoded(
+    model: &LoadedModel,
+    request: &InferenceRequest,
+    inputs: Vec<Tensor>,
+    top_k: usize,
+) -> Result<InferenceResponse, ModelError> {
+    let started = Instant::now();
     let outputs = model.infer(inputs)?;
     let mut response = build_response(model, request.id.clone(), &outputs, top_k);
     filter_outputs(&mut response, request)?;

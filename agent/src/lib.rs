@@ -9,9 +9,12 @@ pub mod loadgen;
 pub mod mqtt;
 pub mod protocol;
 pub mod serve;
+pub mod store;
+pub mod store_bench;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use models::{EngineConfig, ModelError, Variant};
@@ -21,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::protocol::Topics;
+
+/// Outbox messages in flight on the device connection at once.
+const OUTBOX_WINDOW: usize = 64;
 
 /// The agent's version, as reported in its status.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -55,6 +61,8 @@ pub enum AgentError {
     Workers(std::io::Error),
     #[error("the model loader thread failed: {0}")]
     Join(String),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
 }
 
 /// What a running agent tells the code that started it (tests, the demo).
@@ -107,17 +115,34 @@ pub async fn run(
     .map_err(|e| AgentError::Join(e.to_string()))??;
     tracing::info!(models = %engine.models().map(|m| m.name()).collect::<Vec<_>>().join(", "), "Models loaded.");
 
+    let store_cfg = config.store.clone();
+    let (store, store_thread) =
+        tokio::task::spawn_blocking(move || store::open(&store_cfg, store::OpenMode::Agent))
+            .await
+            .map_err(|e| AgentError::Join(e.to_string()))??;
+    {
+        let c = &store.counters;
+        tracing::info!(
+            path = %config.store.path.display(),
+            outbox_rows = c.outbox_rows.load(Ordering::Relaxed),
+            cache_rows = c.cache_rows.load(Ordering::Relaxed),
+            "Database open."
+        );
+    }
+
     let topics = Topics::new(
         &config.topic_prefix,
         &config.device_id,
         config.pool.as_deref(),
     );
     let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let counters = store.counters.clone();
     let status = |online: bool| {
         let models: Vec<_> = engine
             .models()
             .map(|m| json!({"name": m.name(), "version": m.spec().version, "variant": m.variant().variant.as_str(), "sha256": m.sha256()}))
             .collect();
+        let c = &counters;
         serde_json::to_vec(&json!({
             "online": online,
             "device_id": config.device_id,
@@ -127,16 +152,31 @@ pub async fn run(
             "pool": config.pool,
             "workers": config.inference.workers,
             "started_at": started_at,
+            "outbox": {
+                "rows": c.outbox_rows.load(Ordering::Relaxed),
+                "bytes": c.outbox_bytes.load(Ordering::Relaxed),
+                "dropped": c.outbox_dropped.load(Ordering::Relaxed),
+            },
+            "cache": {
+                "rows": c.cache_rows.load(Ordering::Relaxed),
+                "bytes": c.cache_bytes.load(Ordering::Relaxed),
+                "evicted": c.cache_evicted.load(Ordering::Relaxed),
+            },
         }))
         .unwrap_or_default()
     };
     let pipeline = serve::Pipeline::start(
         &config.inference,
-        &config.device_id,
-        topics.clone(),
         config.mqtt.max_payload_bytes,
-        engine.clone(),
-        tokio::runtime::Handle::current(),
+        serve::WorkerContext {
+            device_id: config.device_id.clone(),
+            topics: topics.clone(),
+            top_k: config.inference.top_k,
+            engine: engine.clone(),
+            store: store.clone(),
+            cache: config.store.cache.clone(),
+            history: config.store.history.clone(),
+        },
     )
     .map_err(AgentError::Workers)?;
     let stop_drivers = CancellationToken::new();
@@ -149,6 +189,7 @@ pub async fn run(
     };
     let (client, eventloop) = mqtt::connect(&config.mqtt, will, capacity);
     let (connected_tx, connected_rx) = watch::channel(false);
+    let connected_rx_probe = connected_rx.clone();
     let intake = pipeline.intake(serve::Link::new(client.clone()));
     drivers.push(tokio::spawn(
         mqtt::Driver {
@@ -159,9 +200,17 @@ pub async fn run(
                 topic: topics.status(),
                 payload: status(true),
             }),
+            on_stop: Some(mqtt::Retained {
+                topic: topics.status(),
+                payload: status(false),
+            }),
             dispatch: move |p| intake.dispatch(p),
             connected_tx,
             backoff: mqtt::Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
+            outbox: Some(mqtt::OutboxFeed {
+                store: store.clone(),
+                window: OUTBOX_WINDOW,
+            }),
         }
         .run(stop_drivers.clone()),
     ));
@@ -178,9 +227,11 @@ pub async fn run(
                 client: pclient.clone(),
                 filters: vec![filter],
                 on_connect: None,
+                on_stop: None,
                 dispatch: move |p| intake.dispatch(p),
                 connected_tx: pool_connected_tx,
                 backoff: mqtt::Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
+                outbox: None,
             }
             .run(stop_drivers.clone()),
         ));
@@ -212,17 +263,36 @@ pub async fn run(
             "Grace period over with requests still running; they stay unacknowledged and will be delivered again."
         );
     }
-    let _ = client.try_publish_retained(&topics.status(), status(false));
-    client.try_disconnect();
-    if let Some(pclient) = pool_client {
-        pclient.try_disconnect();
+    // Every reply is now in the outbox (and its request acknowledged); give the publisher a
+    // moment to deliver them, as what is left waits in the database for the next start.
+    store.flush().await;
+    let deliver_until = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while *connected_rx_probe.borrow()
+        && store.counters.outbox_rows.load(Ordering::Relaxed) > 0
+        && tokio::time::Instant::now() < deliver_until
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    let _ = pool_client;
+    stop_drivers.cancel();
     // Each driver exits once its DISCONNECT is out; don't wait on a dead broker forever.
+    let aborts: Vec<_> = drivers.iter().map(|d| d.abort_handle()).collect();
     if tokio::time::timeout(std::time::Duration::from_secs(2), join_all(drivers))
         .await
         .is_err()
     {
-        stop_drivers.cancel();
+        for a in aborts {
+            a.abort();
+        }
+    }
+    store.stop().await;
+    let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+    let left = store.counters.outbox_rows.load(Ordering::Relaxed);
+    if left > 0 {
+        tracing::info!(
+            outbox_rows = left,
+            "Messages not yet delivered stay in the outbox for the next start."
+        );
     }
     tracing::info!("Agent stopped.");
     Ok(())

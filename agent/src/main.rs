@@ -26,6 +26,45 @@ struct Cli {
     command: Command,
 }
 
+/// Which database the `cache` and `outbox` commands open.
+#[derive(Debug, clap::Args)]
+struct DbArgs {
+    /// The database file (default: store.path of --config, else tether.db).
+    #[arg(long, global = true, value_name = "PATH")]
+    db: Option<PathBuf>,
+    /// agent.toml, to find the database in.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheAction {
+    /// Rows and bytes per model, evictions, the file's size.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete cached results (all, or one model's).
+    Clear {
+        #[arg(long)]
+        model: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OutboxAction {
+    /// The waiting messages, oldest first.
+    List {
+        /// Most messages to list.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON lines (with payloads) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Connect to an MQTT broker and serve inference requests until SIGINT or SIGTERM.
@@ -46,6 +85,36 @@ enum Command {
         /// Inference worker threads (default: one per core).
         #[arg(long)]
         workers: Option<usize>,
+        /// The agent's SQLite database (default: store.path, else tether.db).
+        #[arg(long, value_name = "PATH")]
+        db: Option<PathBuf>,
+    },
+    /// Inspect or clear the result cache of an agent's database (the agent may be running).
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Inspect the outbox: messages waiting for the broker.
+    Outbox {
+        #[command(subcommand)]
+        action: OutboxAction,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Measure the database: committed writes per second with batched commits against one
+    /// commit per write, and what the result cache adds to a request on a hit and on a miss.
+    BenchStore {
+        /// Measuring time per case.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Where to put the scratch database (default: a temporary directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Durability to measure: normal or full.
+        #[arg(long, default_value = "normal")]
+        synchronous: String,
     },
     /// List the models of the zoo, one line per variant file.
     Models {
@@ -142,7 +211,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             embedded_broker,
             device_id,
             workers,
-        } => run_agent(models, config, broker, embedded_broker, device_id, workers),
+            db,
+        } => run_agent(
+            models,
+            config,
+            broker,
+            embedded_broker,
+            device_id,
+            workers,
+            db,
+        ),
+        Command::Cache { action, db } => cache_command(action, &db),
+        Command::Outbox { action, db } => outbox_command(action, &db),
+        Command::BenchStore {
+            seconds,
+            dir,
+            synchronous,
+        } => {
+            let sync = match synchronous.as_str() {
+                "normal" => agent::config::Synchronous::Normal,
+                "full" => agent::config::Synchronous::Full,
+                other => bail!("--synchronous is `{other}`; use normal or full"),
+            };
+            if !(seconds.is_finite() && seconds > 0.0) {
+                bail!("--seconds must be a positive number, not {seconds}");
+            }
+            let report =
+                agent::store_bench::run(&agent::models_dir(models), dir.as_deref(), seconds, sync)?;
+            println!("{report}");
+            Ok(())
+        }
         Command::BenchMqtt {
             broker,
             model,
@@ -191,8 +289,12 @@ fn run_agent(
     embedded_broker: Option<String>,
     device_id: Option<String>,
     workers: Option<usize>,
+    db: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let mut raw = RawConfig::load(config.as_deref(), |k| std::env::var(k).ok())?;
+    if db.is_some() {
+        raw.store.path = db;
+    }
     if models.is_some() {
         raw.models_dir = models;
     }
@@ -243,6 +345,10 @@ fn bench_mqtt(
     };
     raw.inference.workers = workers;
     raw.inference.queue = 1024;
+    // Every request of the load generator is the same: measure the model, not the cache.
+    raw.store.cache.enabled = false;
+    let scratch = std::env::temp_dir().join(format!("tether-bench-mqtt-{}", std::process::id()));
+    raw.store.path = Some(scratch.join("tether.db"));
     match &broker {
         Some(url) => raw.mqtt.broker = url.clone(),
         None => {
@@ -491,4 +597,137 @@ fn bench(
         }
     }
     print_stdout(format_table(&reports).trim_end())
+}
+
+/// The store configuration the `cache` and `outbox` commands use.
+fn store_config(args: &DbArgs) -> anyhow::Result<agent::config::StoreConfig> {
+    let mut raw = RawConfig::load(args.config.as_deref(), |k| std::env::var(k).ok())?;
+    if args.db.is_some() {
+        raw.store.path = args.db.clone();
+    }
+    Ok(raw.validate(|| Some("cli".into()))?.store)
+}
+
+/// Opens an agent's database for inspection, runs `f` on it, and closes it.
+fn with_store<T>(
+    args: &DbArgs,
+    f: impl AsyncFnOnce(&agent::store::StoreHandle) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let cfg = store_config(args)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let (store, thread) = agent::store::open(&cfg, agent::store::OpenMode::Inspect)?;
+        let result = f(&store).await;
+        store.stop().await;
+        thread.join();
+        result
+    })
+}
+
+fn cache_command(action: CacheAction, args: &DbArgs) -> anyhow::Result<()> {
+    match action {
+        CacheAction::Stats { json } => {
+            let report = with_store(args, async |s| Ok(s.report().await?))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
+            println!("database  {}", report.path.display());
+            println!("file      {}", human_bytes(report.file_bytes));
+            println!(
+                "cache     {} results, {} (evicted so far: {})",
+                report.cache.rows,
+                human_bytes(report.cache.bytes),
+                report.cache.evicted
+            );
+            for m in &report.cache.models {
+                println!(
+                    "  {:<16} {:>8} results {:>12}",
+                    m.model,
+                    m.rows,
+                    human_bytes(m.bytes)
+                );
+            }
+            println!(
+                "outbox    {} messages, {} (dropped so far: {})",
+                report.outbox.rows,
+                human_bytes(report.outbox.bytes),
+                report.outbox.dropped
+            );
+            println!("history   {} records", report.history_rows);
+            Ok(())
+        }
+        CacheAction::Clear { model } => {
+            let n = with_store(args, async |s| Ok(s.cache_clear(model.clone()).await?))?;
+            match model {
+                Some(m) => println!("Cleared {n} cached results of {m}."),
+                None => println!("Cleared {n} cached results."),
+            }
+            println!(
+                "A running agent still answers from its in-memory front (store.cache.memory_entries) until it restarts."
+            );
+            Ok(())
+        }
+    }
+}
+
+fn outbox_command(action: OutboxAction, args: &DbArgs) -> anyhow::Result<()> {
+    let OutboxAction::List { limit, json } = action;
+    let (rows, report) = with_store(args, async |s| {
+        Ok((s.outbox_rows(limit).await?, s.report().await?))
+    })?;
+    let now = agent::store::now_ms();
+    if json {
+        for r in &rows {
+            let m = &r.message;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": r.id,
+                    "age_ms": now - r.created_ms,
+                    "topic": m.topic,
+                    "retain": m.retain,
+                    "correlation": m.correlation.as_ref().map(|c| String::from_utf8_lossy(c).into_owned()),
+                    "payload": String::from_utf8_lossy(&m.payload),
+                })
+            );
+        }
+        return Ok(());
+    }
+    println!(
+        "{} messages waiting ({}), {} dropped so far because the outbox was full.",
+        report.outbox.rows,
+        human_bytes(report.outbox.bytes),
+        report.outbox.dropped
+    );
+    if !rows.is_empty() {
+        println!("{:>10}  {:>10}  {:>9}  topic", "id", "age", "bytes");
+    }
+    for r in &rows {
+        let age = std::time::Duration::from_millis(u64::try_from(now - r.created_ms).unwrap_or(0));
+        println!(
+            "{:>10}  {:>10}  {:>9}  {}",
+            r.id,
+            humantime::format_duration(std::time::Duration::from_secs(age.as_secs())).to_string(),
+            r.message.payload.len(),
+            r.message.topic
+        );
+    }
+    if report.outbox.rows > rows.len() as u64 {
+        println!("(first {} shown; --limit N for more)", rows.len());
+    }
+    Ok(())
+}
+
+fn human_bytes(b: u64) -> String {
+    if b >= 1 << 20 {
+        format!("{:.1} MiB", b as f64 / f64::from(1 << 20))
+    } else if b >= 1 << 10 {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    } else {
+        format!("{b} B")
+    }
 }

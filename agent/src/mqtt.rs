@@ -3,6 +3,11 @@
 //!
 //! The driver never blocks: incoming requests go to a non-blocking `dispatch` callback, and the
 //! subscriptions and status it sends on (re)connection use the client's `try_` calls.
+//!
+//! The device connection's driver is also the outbox's publisher: it is the only one that
+//! publishes on that connection, and it alone sees connections come and go in order with
+//! the PUBACKs, so it alone can tell which stored message each PUBACK delivers
+//! ([`crate::store::outbox::Cursor`]).
 
 use std::time::Duration;
 
@@ -15,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{MqttConfig, Protocol};
 use crate::protocol::ReplyRoute;
+use crate::store::StoreHandle;
+use crate::store::outbox::{Cursor, InFlight, OutMessage, OutboxRow};
 
 /// Which of the agent's connections: its own (persistent session, last will) or its pool's.
 #[derive(Debug, Clone)]
@@ -208,40 +215,32 @@ pub fn reply_properties(route: &ReplyRoute) -> Option<PublishProperties> {
 }
 
 impl Client {
-    /// Publishes a QoS 1 reply; waits while the client's request channel is full.
-    pub async fn publish_reply(&self, route: ReplyRoute, body: Vec<u8>) -> Result<(), String> {
+    /// Publishes a stored message (QoS 1) without waiting.
+    pub fn try_publish_message(&self, m: &OutMessage) -> Result<(), String> {
         match self {
-            Client::V5(c) => match reply_properties(&route) {
-                Some(props) => {
-                    c.publish_with_properties(route.topic, QoS5::AtLeastOnce, false, body, props)
-                        .await
-                }
-                None => c.publish(route.topic, QoS5::AtLeastOnce, false, body).await,
-            }
-            .map_err(|e| e.to_string()),
-            Client::V311(c) => c
-                .publish(route.topic, rumqttc::QoS::AtLeastOnce, false, body)
-                .await
-                .map_err(|e| e.to_string()),
-        }
-    }
-
-    /// The non-blocking form of [`Client::publish_reply`].
-    pub fn try_publish_reply(&self, route: ReplyRoute, body: Vec<u8>) -> Result<(), String> {
-        match self {
-            Client::V5(c) => match reply_properties(&route) {
+            Client::V5(c) => match reply_properties(&m.route()) {
                 Some(props) => c.try_publish_with_properties(
-                    route.topic,
+                    m.topic.clone(),
                     QoS5::AtLeastOnce,
-                    false,
-                    body,
+                    m.retain,
+                    m.payload.clone(),
                     props,
                 ),
-                None => c.try_publish(route.topic, QoS5::AtLeastOnce, false, body),
+                None => c.try_publish(
+                    m.topic.clone(),
+                    QoS5::AtLeastOnce,
+                    m.retain,
+                    m.payload.clone(),
+                ),
             }
             .map_err(|e| e.to_string()),
             Client::V311(c) => c
-                .try_publish(route.topic, rumqttc::QoS::AtLeastOnce, false, body)
+                .try_publish(
+                    m.topic.clone(),
+                    rumqttc::QoS::AtLeastOnce,
+                    m.retain,
+                    m.payload.clone(),
+                )
                 .map_err(|e| e.to_string()),
         }
     }
@@ -300,6 +299,7 @@ enum Polled {
     Connected { session_present: bool },
     Subscribed { refused: Option<String> },
     Message(Box<Incoming>),
+    PubAck,
     SentDisconnect,
     Nothing,
     Lost(String),
@@ -325,6 +325,7 @@ impl EventLoop {
                             .any(|c| !matches!(c, SubscribeReasonCode::Success(_)))
                             .then(|| format!("{:?}", a.return_codes)),
                     },
+                    Ok(Event::Incoming(Packet::PubAck(_))) => Polled::PubAck,
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Polled::SentDisconnect,
                     Ok(_) => Polled::Nothing,
                     Err(e) => Polled::Lost(e.to_string()),
@@ -346,6 +347,7 @@ impl EventLoop {
                             .any(|c| matches!(c, Code::Failure))
                             .then(|| format!("{:?}", a.return_codes)),
                     },
+                    Ok(Event::Incoming(Packet::PubAck(_))) => Polled::PubAck,
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Polled::SentDisconnect,
                     Ok(_) => Polled::Nothing,
                     Err(e) => Polled::Lost(e.to_string()),
@@ -391,6 +393,14 @@ impl Backoff {
     }
 }
 
+/// The outbox, as the device connection's driver publishes it.
+#[derive(Debug)]
+pub struct OutboxFeed {
+    pub store: StoreHandle,
+    /// Publishes in flight at once (at most the client's inflight window).
+    pub window: usize,
+}
+
 /// The task that owns the event loop.
 pub struct Driver<D> {
     pub eventloop: EventLoop,
@@ -399,12 +409,16 @@ pub struct Driver<D> {
     pub filters: Vec<String>,
     /// Published on every connection (the online status).
     pub on_connect: Option<Retained>,
+    /// Published when asked to stop, before the DISCONNECT (the offline status).
+    pub on_stop: Option<Retained>,
     /// Called with every incoming request; must not block.
     pub dispatch: D,
     /// Turns true once the broker has acknowledged the subscriptions, false when the
     /// connection is lost.
     pub connected_tx: watch::Sender<bool>,
     pub backoff: Backoff,
+    /// Publish the outbox on this connection.
+    pub outbox: Option<OutboxFeed>,
 }
 
 impl<D> std::fmt::Debug for Driver<D> {
@@ -415,46 +429,204 @@ impl<D> std::fmt::Debug for Driver<D> {
     }
 }
 
+type LoadFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = (u64, Result<Vec<OutboxRow>, crate::store::StoreError>)>
+            + Send,
+    >,
+>;
+
+/// The outbox side of a driver: the cursor, the load in progress, and deliveries not yet
+/// deleted.
+struct Publisher {
+    store: StoreHandle,
+    cursor: Cursor,
+    watermark: watch::Receiver<i64>,
+    load: Option<LoadFuture>,
+    delivered: Vec<i64>,
+}
+
+impl Publisher {
+    /// Sends what the window allows and starts the next load if one is due.
+    fn pump(&mut self, client: &Client) {
+        while let Some(row) = self.cursor.next_to_send() {
+            match client.try_publish_message(&row.message) {
+                Ok(()) => self.cursor.sent(InFlight::Row(row.id)),
+                Err(_) => {
+                    // The client's channel is full: try again after the next event.
+                    self.cursor.unsent(row);
+                    break;
+                }
+            }
+        }
+        if self.load.is_none() {
+            let committed = *self.watermark.borrow_and_update();
+            if let Some(load) = self.cursor.want_load(committed) {
+                let store = self.store.clone();
+                self.load = Some(Box::pin(async move {
+                    (load.epoch, store.load(load.after, load.limit).await)
+                }));
+            }
+        }
+        self.delete_delivered();
+    }
+
+    fn delete_delivered(&mut self) {
+        if !self.delivered.is_empty() {
+            let ids = std::mem::take(&mut self.delivered);
+            if let Err(ids) = self.store.try_delete(ids) {
+                self.delivered = ids;
+            }
+        }
+    }
+}
+
+/// What the outbox side of the driver waits for.
+enum FeedEvent {
+    Loaded(u64, Result<Vec<OutboxRow>, crate::store::StoreError>),
+    NewRows,
+}
+
+/// The next load finishing or (when `watch_rows`) new rows being committed; never, without an
+/// outbox.
+async fn next_feed_event(p: &mut Option<Publisher>, watch_rows: bool) -> FeedEvent {
+    let Some(Publisher {
+        load, watermark, ..
+    }) = p.as_mut()
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        (epoch, rows) = async {
+            match load.as_mut() {
+                Some(f) => f.await,
+                None => std::future::pending().await,
+            }
+        } => FeedEvent::Loaded(epoch, rows),
+        changed = watermark.changed(), if watch_rows => match changed {
+            Ok(()) => FeedEvent::NewRows,
+            Err(_) => std::future::pending().await,
+        },
+    }
+}
+
 impl<D: FnMut(Incoming)> Driver<D> {
-    /// Runs until `stop` is cancelled, or until our own DISCONNECT has gone out.
-    pub async fn run(mut self, stop: CancellationToken) {
+    /// Runs until our own DISCONNECT has gone out after `stop` (the caller bounds how long it
+    /// waits for that).
+    pub async fn run(self, stop: CancellationToken) {
+        let Driver {
+            mut eventloop,
+            client,
+            filters,
+            on_connect,
+            on_stop,
+            mut dispatch,
+            connected_tx,
+            mut backoff,
+            outbox,
+        } = self;
+        let mut publisher = outbox.map(|feed| Publisher {
+            watermark: feed.store.watermark(),
+            store: feed.store,
+            cursor: Cursor::new(feed.window),
+            load: None,
+            delivered: Vec::new(),
+        });
+        let mut online = false;
+        let mut stopping = false;
         loop {
+            if let Some(p) = publisher.as_mut() {
+                if online && !stopping {
+                    p.pump(&client);
+                } else {
+                    p.delete_delivered();
+                }
+            }
             let polled = tokio::select! {
-                polled = self.eventloop.next() => polled,
-                () = stop.cancelled() => return,
+                polled = eventloop.next() => polled,
+                () = stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    if let Some(status) = &on_stop
+                        && client.try_publish_retained(&status.topic, status.payload.clone()).is_ok()
+                        && let Some(p) = publisher.as_mut()
+                    {
+                        p.cursor.sent(InFlight::Other);
+                    }
+                    client.try_disconnect();
+                    continue;
+                }
+                event = next_feed_event(&mut publisher, online && !stopping) => {
+                    if let (FeedEvent::Loaded(epoch, rows), Some(p)) = (event, publisher.as_mut()) {
+                        p.load = None;
+                        match rows {
+                            Ok(rows) => p.cursor.loaded(epoch, rows),
+                            Err(e) => {
+                                tracing::error!(error = %e, "Cannot read the outbox.");
+                                p.cursor.load_failed(epoch);
+                            }
+                        }
+                    }
+                    continue;
+                }
             };
             match polled {
                 Polled::Connected { session_present } => {
-                    self.backoff.reset();
+                    online = true;
+                    backoff.reset();
                     tracing::info!(session_present, "Connected to the MQTT broker.");
-                    if let Err(e) = self.client.try_subscribe_all(&self.filters) {
+                    if let Some(p) = publisher.as_mut() {
+                        p.cursor.connected(session_present);
+                        if !session_present {
+                            p.load = None;
+                        }
+                    }
+                    if let Err(e) = client.try_subscribe_all(&filters) {
                         tracing::error!(error = %e, "Could not queue the subscriptions.");
                     }
-                    if let Some(status) = &self.on_connect
-                        && let Err(e) = self
-                            .client
-                            .try_publish_retained(&status.topic, status.payload.clone())
-                    {
-                        tracing::warn!(error = %e, "Could not queue the online status.");
+                    if let Some(status) = &on_connect {
+                        match client.try_publish_retained(&status.topic, status.payload.clone()) {
+                            Ok(()) => {
+                                if let Some(p) = publisher.as_mut() {
+                                    p.cursor.sent(InFlight::Other);
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "Could not queue the online status.");
+                            }
+                        }
                     }
                 }
-                Polled::Message(m) => (self.dispatch)(*m),
+                Polled::PubAck => {
+                    if let Some(p) = publisher.as_mut()
+                        && let Some(id) = p.cursor.acked()
+                    {
+                        p.delivered.push(id);
+                    }
+                }
+                Polled::Message(m) => dispatch(*m),
                 Polled::Subscribed {
                     refused: Some(codes),
                 } => {
                     tracing::error!(%codes, "The broker refused a subscription: requests on it will not arrive.");
                 }
                 Polled::Subscribed { refused: None } => {
-                    self.connected_tx.send_replace(true);
+                    connected_tx.send_replace(true);
                 }
                 Polled::SentDisconnect => {
-                    self.connected_tx.send_replace(false);
+                    connected_tx.send_replace(false);
+                    if let Some(p) = publisher.as_mut() {
+                        p.delete_delivered();
+                    }
                     return;
                 }
                 Polled::Nothing => {}
                 Polled::Lost(e) => {
-                    self.connected_tx.send_replace(false);
-                    let delay = self.backoff.next_delay();
+                    online = false;
+                    connected_tx.send_replace(false);
+                    if stopping {
+                        return;
+                    }
+                    let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis(), "MQTT connection lost; reconnecting.");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}

@@ -1,9 +1,11 @@
 //! The request pipeline: the intake (called by an MQTT driver for every request, never
-//! blocking), a bounded queue, and the inference worker threads that run the models, publish
-//! each reply and only then acknowledge the request to the broker.
+//! blocking), a bounded queue, and the inference worker threads that answer each request from
+//! the result cache or the model, write the reply to the outbox and only then acknowledge the
+//! request to the broker.
 //!
-//! A full queue answers `overloaded` at once. A request is acknowledged after its reply has been
-//! handed to the MQTT client, so a crash before that means the broker delivers it again.
+//! A full queue answers `overloaded` at once. A request is acknowledged once its reply is
+//! committed to the outbox, so a crash before that means the broker delivers it again, and a
+//! crash after it means the reply is sent when the agent is back.
 //! Acknowledgements go out in the order the requests arrived, as MQTT requires of QoS 1
 //! (MQTT-4.6.0-2), however the workers finish: rumqttd refuses out-of-order acks.
 
@@ -13,13 +15,17 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use models::Engine;
-use models::v2::InferenceRequest;
+use models::engine::LoadedModel;
+use models::v2::{InferenceRequest, InferenceResponse};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
-use crate::config::InferenceConfig;
-use crate::infer::run_request;
+use crate::config::{CacheConfig, HistoryConfig, HistoryInputs, InferenceConfig};
+use crate::infer::run_decoded;
 use crate::mqtt::{Client, Incoming};
 use crate::protocol::{ErrorCode, ErrorReply, ReplyRoute, Topics, reply_route};
+use crate::store::outbox::OutMessage;
+use crate::store::{HistoryRecord, StoreHandle, cache, now_ms};
 
 /// One MQTT connection as the pipeline sees it: the client to reply and acknowledge through,
 /// and the order its requests arrived in.
@@ -92,6 +98,7 @@ pub struct Intake {
     link: Arc<Link>,
     /// `None` once shutdown began: new requests are left unacknowledged, for redelivery.
     jobs_tx: JobsTx,
+    store: StoreHandle,
 }
 
 impl Intake {
@@ -148,7 +155,8 @@ impl Intake {
         }
     }
 
-    /// Replies with a coded error at once, from the driver's task.
+    /// Replies with a coded error at once, from the driver's task: the reply goes to the
+    /// outbox without waiting, and the request is acknowledged once it is committed.
     fn refuse(&self, ticket: u64, publish: Incoming, model: &str, code: ErrorCode, error: &str) {
         tracing::debug!(%model, ?code, %error, "Request refused.");
         let route = early_route(&self.topics, &publish, model);
@@ -158,11 +166,16 @@ impl Intake {
             code,
         }
         .to_json();
-        let sent = self.link.client.try_publish_reply(route, body);
-        if let Err(e) = &sent {
-            tracing::warn!(error = %e, "Could not queue an error reply; the request stays unacknowledged.");
-        }
-        self.link.finish(ticket, publish, sent.is_ok());
+        let link = self.link.clone();
+        self.store.try_append(
+            OutMessage::reply(route, body),
+            Box::new(move |stored| {
+                if let Err(e) = &stored {
+                    tracing::warn!(error = %e, "Could not store an error reply; the request stays unacknowledged.");
+                }
+                link.finish(ticket, publish, stored.is_ok());
+            }),
+        );
     }
 }
 
@@ -201,28 +214,36 @@ pub struct Pipeline {
     max_payload_bytes: usize,
     jobs_tx: JobsTx,
     workers: Vec<JoinHandle<()>>,
+    store: StoreHandle,
+}
+
+/// What the workers need besides the queue.
+#[derive(Debug, Clone)]
+pub struct WorkerContext {
+    pub device_id: String,
+    pub topics: Topics,
+    pub top_k: usize,
+    pub engine: Engine,
+    pub store: StoreHandle,
+    pub cache: CacheConfig,
+    pub history: HistoryConfig,
 }
 
 impl Pipeline {
     /// Starts `cfg.workers` inference threads.
     pub fn start(
         cfg: &InferenceConfig,
-        device_id: &str,
-        topics: Topics,
         max_payload_bytes: usize,
-        engine: Engine,
-        runtime: tokio::runtime::Handle,
+        context: WorkerContext,
     ) -> std::io::Result<Pipeline> {
         let (jobs_tx, jobs_rx) = flume::bounded::<Job>(cfg.queue);
         let mut workers = Vec::with_capacity(cfg.workers);
+        let topics = context.topics.clone();
+        let store = context.store.clone();
         for i in 0..cfg.workers {
             let worker = Worker {
                 jobs_rx: jobs_rx.clone(),
-                engine: engine.clone(),
-                runtime: runtime.clone(),
-                topics: topics.clone(),
-                top_k: cfg.top_k,
-                device_id: device_id.to_owned(),
+                cx: context.clone(),
             };
             workers.push(
                 std::thread::Builder::new()
@@ -235,6 +256,7 @@ impl Pipeline {
             max_payload_bytes,
             jobs_tx: Arc::new(Mutex::new(Some(jobs_tx))),
             workers,
+            store,
         })
     }
 
@@ -245,6 +267,7 @@ impl Pipeline {
             max_payload_bytes: self.max_payload_bytes,
             link,
             jobs_tx: self.jobs_tx.clone(),
+            store: self.store.clone(),
         }
     }
 
@@ -271,36 +294,56 @@ impl Pipeline {
 
 struct Worker {
     jobs_rx: flume::Receiver<Job>,
-    engine: Engine,
-    runtime: tokio::runtime::Handle,
-    topics: Topics,
-    top_k: usize,
-    device_id: String,
+    cx: WorkerContext,
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Cache,
+    Local,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Cache => "cache",
+            Source::Local => "local",
+        }
+    }
 }
 
 impl Worker {
     fn run(self) {
         for job in self.jobs_rx.iter() {
             let (route, body) = self.process(&job);
-            // Blocking on the client's bounded channel is the backpressure we want here: this
-            // is a worker thread, never the event loop.
-            let sent = self
-                .runtime
-                .block_on(job.link.client.publish_reply(route, body));
-            if let Err(e) = &sent {
-                tracing::warn!(error = %e, "Could not hand a reply to the MQTT client; the request will be delivered again.");
-            }
-            job.link.finish(job.ticket, job.publish, sent.is_ok());
+            let Job {
+                publish,
+                ticket,
+                link,
+                ..
+            } = job;
+            // Waiting on the store's bounded queue is the backpressure we want here: this is a
+            // worker thread, never the event loop.
+            self.cx.store.append(
+                OutMessage::reply(route, body),
+                Box::new(move |stored| {
+                    if let Err(e) = &stored {
+                        tracing::warn!(error = %e, "Could not store a reply; the request will be delivered again.");
+                    }
+                    link.finish(ticket, publish, stored.is_ok());
+                }),
+            );
         }
     }
 
-    /// Parses, routes and runs one request; returns where the reply goes and its body.
+    /// Parses, routes and answers one request; returns where the reply goes and its body.
     fn process(&self, job: &Job) -> (ReplyRoute, Vec<u8>) {
         let (response_topic, correlation) = (
             job.publish.response_topic.as_deref(),
             job.publish.correlation.as_deref(),
         );
-        let default = self.topics.default_reply(&job.model);
+        let default = self.cx.topics.default_reply(&job.model);
         let request = match InferenceRequest::from_json(&job.publish.payload) {
             Ok(r) => r,
             Err(e) => {
@@ -322,18 +365,19 @@ impl Worker {
         let route = reply_route(response_topic, correlation, reply_to, default);
         let queue_ms = job.received.elapsed().as_secs_f64() * 1e3;
         let result = self
+            .cx
             .engine
             .model(&job.model)
             .map_err(|e| (ErrorCode::from(e.code()), e.to_string()))
             .and_then(|model| {
-                run_request(model, &request, self.top_k)
+                self.answer(model, &request)
                     .map_err(|e| (ErrorCode::from(e.code()), e.to_string()))
             });
         let body = match result {
-            Ok(mut response) => {
+            Ok((mut response, source)) => {
                 let params = response.parameters.get_or_insert_with(Default::default);
-                params.insert("route".into(), json!("local"));
-                params.insert("device_id".into(), json!(self.device_id));
+                params.insert("route".into(), json!(source.as_str()));
+                params.insert("device_id".into(), json!(self.cx.device_id));
                 params.insert("queue_ms".into(), json!(round3(queue_ms)));
                 params.insert(
                     "latency_ms".into(),
@@ -342,7 +386,9 @@ impl Worker {
                 if let Some(v) = &response.model_version {
                     params.insert("model_version".into(), json!(v));
                 }
-                serde_json::to_vec(&response).unwrap_or_default()
+                let body = serde_json::to_vec(&response).unwrap_or_default();
+                self.maybe_record(&job.publish.payload, &response, source);
+                body
             }
             Err((code, error)) => ErrorReply {
                 id: request.id.as_deref(),
@@ -352,6 +398,97 @@ impl Worker {
             .to_json(),
         };
         (route, body)
+    }
+
+    /// The response to a valid request: from the cache when allowed and held, else from the
+    /// model (and then cached).
+    fn answer(
+        &self,
+        model: &LoadedModel,
+        request: &InferenceRequest,
+    ) -> Result<(InferenceResponse, Source), models::ModelError> {
+        let inputs = request.decode_inputs(model.max_elements())?;
+        let bypass = request
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("cache"))
+            .and_then(Value::as_bool)
+            == Some(false);
+        let ttl = self.cx.cache.ttl_for(model.name()).filter(|_| !bypass);
+        let key = ttl.map(|_| {
+            let outputs: Option<Vec<String>> = request
+                .outputs
+                .as_ref()
+                .map(|o| o.iter().map(|o| o.name.clone()).collect());
+            cache::key(
+                model.name(),
+                model.sha256(),
+                &inputs,
+                outputs.as_deref(),
+                request.parameters.as_ref(),
+                self.cx.top_k,
+            )
+        });
+        if let Some(key) = &key
+            && let Some(value) = self.cx.store.cache_get(key, now_ms())
+        {
+            match serde_json::from_slice::<InferenceResponse>(&value) {
+                Ok(mut response) => {
+                    response.id = request.id.clone();
+                    return Ok((response, Source::Cache));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, model = %model.name(), "A cached result does not parse; running the model.");
+                }
+            }
+        }
+        let mut response = run_decoded(model, request, inputs, self.cx.top_k)?;
+        if let (Some(key), Some(ttl)) = (key, ttl) {
+            let mut stored = response.clone();
+            stored.id = None;
+            if let Some(p) = stored.parameters.as_mut() {
+                p.remove("latency_ms");
+            }
+            if let Ok(value) = serde_json::to_vec(&stored) {
+                self.cx.store.cache_put(key, model.name(), value, ttl);
+            }
+        }
+        if let Some(p) = response.parameters.as_mut() {
+            // The model's own run time, apart from the queue.
+            if let Some(ms) = p.remove("latency_ms") {
+                p.insert("inference_ms".into(), ms);
+            }
+        }
+        Ok((response, Source::Local))
+    }
+
+    /// Records the request in the history, if it is sampled.
+    fn maybe_record(&self, payload: &[u8], response: &InferenceResponse, source: Source) {
+        let h = &self.cx.history;
+        if h.sample <= 0.0 || fastrand::f64() >= h.sample {
+            return;
+        }
+        let Ok(model) = self.cx.engine.model(&response.model_name) else {
+            return;
+        };
+        let confidence = response
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("classes"))
+            .and_then(|c| c.get(0))
+            .and_then(|row| row.get(0))
+            .and_then(|top| top.get("probability"))
+            .and_then(Value::as_f64);
+        self.cx.store.record(HistoryRecord {
+            ts_ms: now_ms(),
+            model: response.model_name.clone(),
+            model_sha256: model.sha256().to_owned(),
+            input_sha256: Sha256::digest(payload).into(),
+            input: (h.inputs == HistoryInputs::Store).then(|| payload.to_vec()),
+            output: serde_json::to_vec(&response.outputs).unwrap_or_default(),
+            route: source.as_str().to_owned(),
+            confidence,
+        });
     }
 }
 

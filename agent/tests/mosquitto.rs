@@ -438,6 +438,7 @@ async fn mutual_tls_and_a_password_connect_and_a_wrong_password_does_not() {
         ..Default::default()
     };
     tls(&mut raw, "wrong");
+    raw.store.path = Some(common::scratch_dir("tls-bad").join("tether.db"));
     let config = raw.validate(|| None).unwrap();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -16,6 +16,17 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+/// A fresh directory under the system's temporary directory, unique to this call.
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tether-test-{name}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    dir
+}
+
 /// A running agent and the means to stop it.
 pub struct TestAgent {
     pub running: Running,
@@ -38,6 +49,7 @@ impl TestAgent {
             ..RawConfig::default()
         };
         raw.inference.workers = Some(2);
+        raw.store.path = Some(scratch_dir(device_id).join("tether.db"));
         raw.mqtt.reconnect_min_ms = 50;
         raw.mqtt.reconnect_max_ms = 500;
         tweak(&mut raw);

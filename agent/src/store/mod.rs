@@ -1,0 +1,1059 @@
+//! The agent's SQLite database: result cache, outbox and history, in one WAL-mode file owned by
+//! one dedicated thread. Everyone else holds a cheap [`StoreHandle`] and sends it commands over
+//! a bounded channel; the thread folds every command waiting into one transaction, so a burst
+//! of writes costs one commit. No SQLite call ever runs on an async executor thread.
+//!
+//! At start-up the file is checked (`PRAGMA quick_check`); a damaged file is moved aside, with
+//! an error in the log, and a fresh one created, so a device always comes back up.
+
+pub mod cache;
+pub mod outbox;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::{StoreConfig, Synchronous};
+use cache::{CacheKey, Cached, Front};
+use outbox::{OutMessage, OutboxRow};
+
+/// Commands waiting for the store thread; senders wait (workers) or are refused (the MQTT
+/// driver) beyond this.
+const COMMAND_QUEUE: usize = 4096;
+/// How often expired cache entries are purged.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+
+/// Why the store could not do something.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error(
+        "there is no database at {0}; the agent creates it when it first runs (or pass --db PATH)"
+    )]
+    Missing(PathBuf),
+    #[error("the database write failed: {0}")]
+    Write(String),
+    #[error("the store has stopped")]
+    Stopped,
+    #[error("the store's queue is full; the write was not made")]
+    Busy,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Write(e.to_string())
+    }
+}
+
+/// Called on the store thread once an append is committed (with the row id) or has failed.
+/// It must not block.
+pub type Done = Box<dyn FnOnce(Result<i64, StoreError>) + Send>;
+
+/// Live counters, readable by anyone without a trip to the store thread.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub outbox_rows: AtomicU64,
+    pub outbox_bytes: AtomicU64,
+    pub outbox_dropped: AtomicU64,
+    pub cache_rows: AtomicU64,
+    pub cache_bytes: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub cache_evicted: AtomicU64,
+    pub history_rows: AtomicU64,
+    pub history_skipped: AtomicU64,
+    pub commits: AtomicU64,
+    pub writes: AtomicU64,
+}
+
+/// A sampled request and its result, for the history table.
+#[derive(Debug, Clone)]
+pub struct HistoryRecord {
+    pub ts_ms: i64,
+    pub model: String,
+    pub model_sha256: String,
+    pub input_sha256: [u8; 32],
+    /// The canonical input bytes, when the config keeps them.
+    pub input: Option<Vec<u8>>,
+    pub output: Vec<u8>,
+    pub route: String,
+    /// The top-1 probability, for classifiers.
+    pub confidence: Option<f64>,
+}
+
+/// What `cache stats` and the status report.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreReport {
+    pub path: PathBuf,
+    pub file_bytes: u64,
+    pub schema_version: u32,
+    pub outbox: OutboxReport,
+    pub cache: CacheReport,
+    pub history_rows: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxReport {
+    pub rows: u64,
+    pub bytes: u64,
+    /// Messages dropped (oldest first) because the outbox was full, ever.
+    pub dropped: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheReport {
+    pub rows: u64,
+    pub bytes: u64,
+    /// Results evicted to stay within the bounds, ever.
+    pub evicted: u64,
+    /// Since this process started.
+    pub hits: u64,
+    pub misses: u64,
+    pub models: Vec<ModelCacheReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelCacheReport {
+    pub model: String,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+enum Command {
+    Append {
+        message: OutMessage,
+        done: Done,
+    },
+    Load {
+        after: i64,
+        limit: usize,
+        reply: flume::Sender<Result<Vec<OutboxRow>, StoreError>>,
+    },
+    Delete {
+        ids: Vec<i64>,
+    },
+    CacheGet {
+        key: CacheKey,
+        now_ms: i64,
+        reply: flume::Sender<Option<Cached>>,
+    },
+    CachePut {
+        key: CacheKey,
+        model: String,
+        value: Arc<Vec<u8>>,
+        expires_ms: i64,
+        now_ms: i64,
+    },
+    CacheClear {
+        model: Option<String>,
+        reply: flume::Sender<Result<u64, StoreError>>,
+    },
+    History(Box<HistoryRecord>),
+    Report {
+        reply: flume::Sender<Result<StoreReport, StoreError>>,
+    },
+    Flush {
+        reply: flume::Sender<()>,
+    },
+    Stop {
+        reply: flume::Sender<()>,
+    },
+}
+
+/// How a database file is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// The agent: create the file if needed, move a damaged one aside.
+    Agent,
+    /// The command line inspecting an agent's file: it must exist, and is never moved.
+    Inspect,
+}
+
+/// The cheap handle to the store thread.
+#[derive(Debug, Clone)]
+pub struct StoreHandle {
+    commands_tx: flume::Sender<Command>,
+    watermark_rx: watch::Receiver<i64>,
+    front: Front,
+    pub counters: Arc<Counters>,
+}
+
+/// The store thread, to wait for after [`StoreHandle::stop`].
+#[derive(Debug)]
+pub struct StoreThread(Option<JoinHandle<()>>);
+
+impl StoreThread {
+    /// Waits for the thread to exit (after a stop).
+    pub fn join(mut self) {
+        if let Some(t) = self.0.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (the clock TTLs are kept in).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Opens (and in agent mode creates or repairs) the database and starts its thread.
+pub fn open(cfg: &StoreConfig, mode: OpenMode) -> Result<(StoreHandle, StoreThread), StoreError> {
+    let conn = open_connection(&cfg.path, cfg.synchronous, mode)?;
+    let counters = Arc::new(Counters::default());
+    let mut worker = Worker::new(conn, cfg.clone(), counters.clone())?;
+    let (watermark_tx, watermark_rx) = watch::channel(worker.last_outbox_id()?);
+    let (commands_tx, commands_rx) = flume::bounded(COMMAND_QUEUE);
+    let thread = std::thread::Builder::new()
+        .name("store".into())
+        .spawn(move || worker.run(&commands_rx, &watermark_tx))
+        .map_err(|e| StoreError::Open {
+            path: cfg.path.clone(),
+            reason: format!("cannot start the store thread: {e}"),
+        })?;
+    Ok((
+        StoreHandle {
+            commands_tx,
+            watermark_rx,
+            front: Front::new(cfg.cache.memory_entries),
+            counters,
+        },
+        StoreThread(Some(thread)),
+    ))
+}
+
+fn open_connection(
+    path: &Path,
+    sync: Synchronous,
+    mode: OpenMode,
+) -> Result<Connection, StoreError> {
+    if mode == OpenMode::Inspect && !path.exists() {
+        return Err(StoreError::Missing(path.to_owned()));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            path: path.to_owned(),
+            reason: format!("cannot create its directory: {e}"),
+        })?;
+    }
+    match prepare(path, sync) {
+        Ok(conn) => Ok(conn),
+        Err(e) if mode == OpenMode::Agent && is_damage(&e) => {
+            let aside = move_aside(path)?;
+            tracing::error!(
+                path = %path.display(),
+                moved_to = %aside.display(),
+                error = %e,
+                "The database is damaged; it was moved aside and a fresh one created. Cached results and unsent messages in it are not used."
+            );
+            prepare(path, sync).map_err(|e| StoreError::Open {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })
+        }
+        Err(e) => Err(StoreError::Open {
+            path: path.to_owned(),
+            reason: match &e {
+                Damage::Sql(e) if is_damage_code(e) => format!(
+                    "{e}; the file is damaged (the agent moves such a file aside when it starts)"
+                ),
+                _ => e.to_string(),
+            },
+        }),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Damage {
+    #[error(transparent)]
+    Sql(#[from] rusqlite::Error),
+    #[error("the integrity check failed: {0}")]
+    Check(String),
+    #[error("the file is from a newer agent (schema version {0}, this agent knows {1})")]
+    Newer(u32, usize),
+}
+
+fn is_damage_code(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt)
+    )
+}
+
+fn is_damage(e: &Damage) -> bool {
+    match e {
+        Damage::Sql(e) => is_damage_code(e),
+        Damage::Check(_) => true,
+        Damage::Newer(..) => false,
+    }
+}
+
+/// Opens the file, sets WAL mode and durability, checks it, and migrates it.
+fn prepare(path: &Path, sync: Synchronous) -> Result<Connection, Damage> {
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(%mode, "SQLite refused WAL mode; writes will be slower.");
+    }
+    conn.execute_batch(match sync {
+        Synchronous::Normal => "PRAGMA synchronous = NORMAL;",
+        Synchronous::Full => "PRAGMA synchronous = FULL;",
+    })?;
+    let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if check != "ok" {
+        return Err(Damage::Check(check));
+    }
+    let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version as usize > schema::MIGRATIONS.len() {
+        return Err(Damage::Newer(version, schema::MIGRATIONS.len()));
+    }
+    for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "Database schema migrated.");
+    }
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+/// Renames the file and its WAL companions to `{name}.corrupt-{unix seconds}`.
+fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
+    let stamp = now_ms() / 1000;
+    let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    let fail = |e: std::io::Error| StoreError::Open {
+        path: path.to_owned(),
+        reason: format!(
+            "the file is damaged and could not be moved aside to {}: {e}",
+            aside.display()
+        ),
+    };
+    std::fs::rename(path, &aside).map_err(fail)?;
+    for suffix in ["-wal", "-shm"] {
+        let companion = PathBuf::from(format!("{}{suffix}", path.display()));
+        if companion.exists() {
+            std::fs::rename(&companion, format!("{}{suffix}", aside.display())).map_err(fail)?;
+        }
+    }
+    Ok(aside)
+}
+
+impl StoreHandle {
+    /// Writes a message to the outbox; `done` runs once it is committed. Waits while the
+    /// store's queue is full: call from a worker thread, never the async executor.
+    pub fn append(&self, message: OutMessage, done: Done) {
+        if let Err(flume::SendError(cmd)) = self.commands_tx.send(Command::Append { message, done })
+            && let Command::Append { done, .. } = cmd
+        {
+            done(Err(StoreError::Stopped));
+        }
+    }
+
+    /// [`StoreHandle::append`] without waiting: a full queue fails the append at once.
+    pub fn try_append(&self, message: OutMessage, done: Done) {
+        match self.commands_tx.try_send(Command::Append { message, done }) {
+            Ok(()) => {}
+            Err(flume::TrySendError::Full(Command::Append { done, .. })) => {
+                done(Err(StoreError::Busy))
+            }
+            Err(flume::TrySendError::Disconnected(Command::Append { done, .. })) => {
+                done(Err(StoreError::Stopped));
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Up to `limit` outbox rows with ids above `after`, oldest first.
+    pub async fn load(&self, after: i64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let (reply, rx) = flume::bounded(1);
+        self.commands_tx
+            .send_async(Command::Load {
+                after,
+                limit,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        rx.recv_async().await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// Deletes delivered outbox rows. Gives the ids back when the queue is full.
+    pub fn try_delete(&self, ids: Vec<i64>) -> Result<(), Vec<i64>> {
+        match self.commands_tx.try_send(Command::Delete { ids }) {
+            Ok(()) => Ok(()),
+            Err(flume::TrySendError::Full(Command::Delete { ids })) => Err(ids),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The newest committed outbox id, changing as rows are appended.
+    pub fn watermark(&self) -> watch::Receiver<i64> {
+        self.watermark_rx.clone()
+    }
+
+    /// A cached result still valid at `now_ms`: from memory, else from SQLite (waiting for
+    /// the store thread: call from a worker thread).
+    pub fn cache_get(&self, key: &CacheKey, now_ms: i64) -> Option<Arc<Vec<u8>>> {
+        let found = self.front.get(key, now_ms).or_else(|| {
+            let (reply, rx) = flume::bounded(1);
+            self.commands_tx
+                .send(Command::CacheGet {
+                    key: *key,
+                    now_ms,
+                    reply,
+                })
+                .ok()?;
+            let cached = rx.recv().ok()??;
+            let value = cached.value.clone();
+            self.front.put(*key, cached);
+            Some(value)
+        });
+        let counter = if found.is_some() {
+            &self.counters.cache_hits
+        } else {
+            &self.counters.cache_misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Caches a result for `ttl`. Never waits: when the store is busy the result is only
+    /// kept in memory.
+    pub fn cache_put(&self, key: CacheKey, model: &str, value: Vec<u8>, ttl: Duration) {
+        let now = now_ms();
+        let expires_ms = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        let value = Arc::new(value);
+        self.front.put(
+            key,
+            Cached {
+                value: value.clone(),
+                expires_ms,
+            },
+        );
+        let _ = self.commands_tx.try_send(Command::CachePut {
+            key,
+            model: model.to_owned(),
+            value,
+            expires_ms,
+            now_ms: now,
+        });
+    }
+
+    /// Deletes cached results (of one model, or all); returns how many rows went.
+    pub async fn cache_clear(&self, model: Option<String>) -> Result<u64, StoreError> {
+        self.front.clear();
+        let (reply, rx) = flume::bounded(1);
+        self.commands_tx
+            .send_async(Command::CacheClear { model, reply })
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        rx.recv_async().await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// Records a sampled request; skipped (and counted) when the store is busy.
+    pub fn record(&self, record: HistoryRecord) {
+        if self
+            .commands_tx
+            .try_send(Command::History(Box::new(record)))
+            .is_err()
+        {
+            self.counters
+                .history_skipped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub async fn report(&self) -> Result<StoreReport, StoreError> {
+        let (reply, rx) = flume::bounded(1);
+        self.commands_tx
+            .send_async(Command::Report { reply })
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        rx.recv_async().await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// Waits until everything sent before is committed.
+    pub async fn flush(&self) {
+        let (reply, rx) = flume::bounded(1);
+        if self
+            .commands_tx
+            .send_async(Command::Flush { reply })
+            .await
+            .is_ok()
+        {
+            let _ = rx.recv_async().await;
+        }
+    }
+
+    /// The blocking form of [`StoreHandle::flush`], for threads.
+    pub fn flush_blocking(&self) {
+        let (reply, rx) = flume::bounded(1);
+        if self.commands_tx.send(Command::Flush { reply }).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    /// Commits what is queued and stops the thread; later commands fail with `Stopped`.
+    pub async fn stop(&self) {
+        let (reply, rx) = flume::bounded(1);
+        if self
+            .commands_tx
+            .send_async(Command::Stop { reply })
+            .await
+            .is_ok()
+        {
+            let _ = rx.recv_async().await;
+        }
+    }
+
+    /// Outbox rows, oldest first, for `outbox list` (the agent may be running).
+    pub async fn outbox_rows(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        self.load(0, limit).await
+    }
+}
+
+/// The store thread: the connection, and the rest of its state (kept apart so a transaction
+/// on the one can run beside borrows of the other).
+struct Worker {
+    conn: Connection,
+    state: State,
+}
+
+struct State {
+    cfg: StoreConfig,
+    counters: Arc<Counters>,
+    last_outbox_id: i64,
+}
+
+/// What to do once a batch is committed (or rolled back).
+enum After {
+    Appended(Done, i64),
+    Flushed(flume::Sender<()>),
+}
+
+impl Worker {
+    fn new(
+        conn: Connection,
+        cfg: StoreConfig,
+        counters: Arc<Counters>,
+    ) -> Result<Worker, StoreError> {
+        let mut w = Worker {
+            conn,
+            state: State {
+                cfg,
+                counters,
+                last_outbox_id: 0,
+            },
+        };
+        w.reload_totals()?;
+        w.state.last_outbox_id = w.last_outbox_id()?;
+        Ok(w)
+    }
+
+    fn last_outbox_id(&self) -> Result<i64, StoreError> {
+        // The sequence, not MAX(id): an outbox emptied by deliveries keeps counting up.
+        Ok(self.conn.query_row(schema::OUTBOX_SEQ, [], |r| r.get(0))?)
+    }
+
+    fn reload_totals(&mut self) -> Result<(), StoreError> {
+        let (rows, bytes): (u64, u64) = self
+            .conn
+            .query_row(schema::OUTBOX_TOTALS, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        self.state
+            .counters
+            .outbox_rows
+            .store(rows, Ordering::Relaxed);
+        self.state
+            .counters
+            .outbox_bytes
+            .store(bytes, Ordering::Relaxed);
+        let (rows, bytes): (u64, u64) = self
+            .conn
+            .query_row(schema::CACHE_TOTALS, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        self.state
+            .counters
+            .cache_rows
+            .store(rows, Ordering::Relaxed);
+        self.state
+            .counters
+            .cache_bytes
+            .store(bytes, Ordering::Relaxed);
+        let history: u64 = self
+            .conn
+            .query_row(schema::HISTORY_COUNT, [], |r| r.get(0))?;
+        self.state
+            .counters
+            .history_rows
+            .store(history, Ordering::Relaxed);
+        let dropped: u64 =
+            self.conn
+                .query_row(schema::COUNTER_GET, [schema::OUTBOX_DROPPED], |r| r.get(0))?;
+        self.state
+            .counters
+            .outbox_dropped
+            .store(dropped, Ordering::Relaxed);
+        let evicted: u64 =
+            self.conn
+                .query_row(schema::COUNTER_GET, [schema::CACHE_EVICTED], |r| r.get(0))?;
+        self.state
+            .counters
+            .cache_evicted
+            .store(evicted, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn run(&mut self, commands_rx: &flume::Receiver<Command>, watermark_tx: &watch::Sender<i64>) {
+        let mut last_maintenance = Instant::now();
+        loop {
+            let mut batch = Vec::new();
+            match commands_rx.recv_timeout(MAINTENANCE_EVERY) {
+                Ok(c) => batch.push(c),
+                Err(flume::RecvTimeoutError::Timeout) => {}
+                Err(flume::RecvTimeoutError::Disconnected) => return,
+            }
+            while batch.len() < self.state.cfg.max_batch {
+                match commands_rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let maintain = last_maintenance.elapsed() >= MAINTENANCE_EVERY;
+            if maintain {
+                last_maintenance = Instant::now();
+            }
+            let stop = self.apply(batch, maintain);
+            watermark_tx.send_if_modified(|w| {
+                let changed = *w != self.state.last_outbox_id;
+                *w = self.state.last_outbox_id;
+                changed
+            });
+            if let Some(reply) = stop {
+                let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+                let _ = reply.send(());
+                return;
+            }
+        }
+    }
+
+    /// Runs one batch in one transaction. Returns the stop reply if the batch held a stop.
+    fn apply(&mut self, batch: Vec<Command>, maintain: bool) -> Option<flume::Sender<()>> {
+        let mut after = Vec::new();
+        let mut stop = None;
+        let mut writes = 0u64;
+        let last_id_before = self.state.last_outbox_id;
+        let result = (|| -> Result<(), rusqlite::Error> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut appended = false;
+            let mut cached = false;
+            for cmd in batch {
+                match cmd {
+                    Command::Append { message, done } => {
+                        tx.prepare_cached(schema::OUTBOX_APPEND)?.execute(params![
+                            message.topic,
+                            message.payload,
+                            message.correlation,
+                            message.v5,
+                            message.retain,
+                            now_ms()
+                        ])?;
+                        let id = tx.last_insert_rowid();
+                        self.state.last_outbox_id = id;
+                        self.state
+                            .counters
+                            .outbox_rows
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.state
+                            .counters
+                            .outbox_bytes
+                            .fetch_add(message.size(), Ordering::Relaxed);
+                        after.push(After::Appended(done, id));
+                        appended = true;
+                        writes += 1;
+                    }
+                    Command::Load {
+                        after: from,
+                        limit,
+                        reply,
+                    } => {
+                        let _ = reply.send(load_outbox(&tx, from, limit).map_err(Into::into));
+                    }
+                    Command::Delete { ids } => {
+                        let mut stmt = tx.prepare_cached(schema::OUTBOX_DELETE)?;
+                        for id in ids {
+                            let bytes: Option<u64> =
+                                stmt.query_row([id], |r| r.get(0)).optional()?;
+                            if let Some(bytes) = bytes {
+                                self.state
+                                    .counters
+                                    .outbox_rows
+                                    .fetch_sub(1, Ordering::Relaxed);
+                                self.state
+                                    .counters
+                                    .outbox_bytes
+                                    .fetch_sub(bytes, Ordering::Relaxed);
+                                writes += 1;
+                            }
+                        }
+                    }
+                    Command::CacheGet { key, now_ms, reply } => {
+                        let _ = reply.send(self.state.cache_get(&tx, &key, now_ms)?);
+                    }
+                    Command::CachePut {
+                        key,
+                        model,
+                        value,
+                        expires_ms,
+                        now_ms,
+                    } => {
+                        self.state
+                            .cache_put(&tx, &key, &model, &value, expires_ms, now_ms)?;
+                        cached = true;
+                        writes += 1;
+                    }
+                    Command::CacheClear { model, reply } => {
+                        let n = match &model {
+                            Some(m) => tx.execute(schema::CACHE_CLEAR_MODEL, [m])?,
+                            None => tx.execute(schema::CACHE_CLEAR_ALL, [])?,
+                        };
+                        let _ = reply.send(Ok(n as u64));
+                        writes += 1;
+                        // Totals are recounted after the commit.
+                        cached = true;
+                    }
+                    Command::History(record) => {
+                        self.state.record(&tx, &record)?;
+                        writes += 1;
+                    }
+                    Command::Report { reply } => {
+                        let _ = reply.send(self.state.report(&tx).map_err(Into::into));
+                    }
+                    Command::Flush { reply } => after.push(After::Flushed(reply)),
+                    Command::Stop { reply } => stop = Some(reply),
+                }
+            }
+            if appended {
+                self.state.bound_outbox(&tx)?;
+            }
+            if cached {
+                self.state.bound_cache(&tx)?;
+            }
+            if maintain {
+                let mut stmt = tx.prepare_cached(schema::CACHE_EXPIRED)?;
+                let freed: Vec<u64> = stmt
+                    .query_map([now_ms()], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                self.state
+                    .counters
+                    .cache_rows
+                    .fetch_sub(freed.len() as u64, Ordering::Relaxed);
+                self.state
+                    .counters
+                    .cache_bytes
+                    .fetch_sub(freed.iter().sum(), Ordering::Relaxed);
+            }
+            tx.commit()
+        })();
+        match result {
+            Ok(()) => {
+                if writes > 0 {
+                    self.state.counters.commits.fetch_add(1, Ordering::Relaxed);
+                    self.state
+                        .counters
+                        .writes
+                        .fetch_add(writes, Ordering::Relaxed);
+                }
+                for a in after {
+                    match a {
+                        After::Appended(done, id) => done(Ok(id)),
+                        After::Flushed(reply) => {
+                            let _ = reply.send(());
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "A database write failed and was rolled back; the requests it carried stay unacknowledged.");
+                self.state.last_outbox_id = last_id_before;
+                let err = StoreError::Write(e.to_string());
+                for a in after {
+                    match a {
+                        After::Appended(done, _) => done(Err(err.clone())),
+                        After::Flushed(reply) => {
+                            let _ = reply.send(());
+                        }
+                    }
+                }
+                if let Err(e) = self.reload_totals() {
+                    tracing::error!(error = %e, "Cannot recount the database's contents.");
+                }
+            }
+        }
+        stop
+    }
+}
+
+impl State {
+    fn cache_get(
+        &self,
+        tx: &Connection,
+        key: &CacheKey,
+        now_ms: i64,
+    ) -> Result<Option<Cached>, rusqlite::Error> {
+        let row: Option<(Vec<u8>, i64)> = tx
+            .prepare_cached(schema::CACHE_GET)?
+            .query_row([&key[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        match row {
+            Some((value, expires_ms)) if expires_ms > now_ms => {
+                tx.prepare_cached(schema::CACHE_TOUCH)?
+                    .execute(params![&key[..], now_ms])?;
+                Ok(Some(Cached {
+                    value: Arc::new(value),
+                    expires_ms,
+                }))
+            }
+            Some(_) => {
+                let bytes: Option<u64> = tx
+                    .prepare_cached(schema::CACHE_DELETE)?
+                    .query_row([&key[..]], |r| r.get(0))
+                    .optional()?;
+                if let Some(bytes) = bytes {
+                    self.counters.cache_rows.fetch_sub(1, Ordering::Relaxed);
+                    self.counters
+                        .cache_bytes
+                        .fetch_sub(bytes, Ordering::Relaxed);
+                }
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn cache_put(
+        &self,
+        tx: &Connection,
+        key: &CacheKey,
+        model: &str,
+        value: &[u8],
+        expires_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), rusqlite::Error> {
+        let old: Option<u64> = tx
+            .prepare_cached(schema::CACHE_SIZE_OF)?
+            .query_row([&key[..]], |r| r.get(0))
+            .optional()?;
+        let bytes = value.len() as u64;
+        tx.prepare_cached(schema::CACHE_PUT)?.execute(params![
+            &key[..],
+            model,
+            value,
+            bytes,
+            now_ms,
+            expires_ms
+        ])?;
+        match old {
+            Some(old) => {
+                self.counters.cache_bytes.fetch_sub(old, Ordering::Relaxed);
+            }
+            None => {
+                self.counters.cache_rows.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.counters
+            .cache_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Evicts least recently used results until the cache is within its bounds.
+    fn bound_cache(&self, tx: &Connection) -> Result<(), rusqlite::Error> {
+        let (max_rows, max_bytes) = (self.cfg.cache.max_rows, self.cfg.cache.max_bytes);
+        let over = |c: &Counters| {
+            c.cache_rows.load(Ordering::Relaxed) > max_rows
+                || c.cache_bytes.load(Ordering::Relaxed) > max_bytes
+        };
+        let mut evicted = 0u64;
+        while over(&self.counters) {
+            let victims: Vec<(Vec<u8>, u64)> = tx
+                .prepare_cached(schema::CACHE_LEAST_USED)?
+                .query_map([64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            if victims.is_empty() {
+                break;
+            }
+            for (key, bytes) in victims {
+                if !over(&self.counters) {
+                    break;
+                }
+                tx.prepare_cached(schema::CACHE_DELETE)?
+                    .query_row([&key], |_| Ok(()))
+                    .optional()?;
+                self.counters.cache_rows.fetch_sub(1, Ordering::Relaxed);
+                self.counters
+                    .cache_bytes
+                    .fetch_sub(bytes, Ordering::Relaxed);
+                evicted += 1;
+            }
+        }
+        if evicted > 0 {
+            tx.prepare_cached(schema::COUNTER_ADD)?
+                .execute(params![schema::CACHE_EVICTED, evicted])?;
+            self.counters
+                .cache_evicted
+                .fetch_add(evicted, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Drops the oldest messages until the outbox is within its bounds: counted and logged.
+    fn bound_outbox(&self, tx: &Connection) -> Result<(), rusqlite::Error> {
+        let (max_rows, max_bytes) = (self.cfg.outbox.max_rows, self.cfg.outbox.max_bytes);
+        let over = |c: &Counters| {
+            c.outbox_rows.load(Ordering::Relaxed) > max_rows
+                || c.outbox_bytes.load(Ordering::Relaxed) > max_bytes
+        };
+        let mut dropped = 0u64;
+        while over(&self.counters) {
+            let oldest: Vec<(i64, u64)> = tx
+                .prepare_cached(schema::OUTBOX_OLDEST)?
+                .query_map([64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            if oldest.is_empty() {
+                break;
+            }
+            for (id, bytes) in oldest {
+                if !over(&self.counters) {
+                    break;
+                }
+                tx.prepare_cached(schema::OUTBOX_DELETE)?
+                    .query_row([id], |_| Ok(()))
+                    .optional()?;
+                self.counters.outbox_rows.fetch_sub(1, Ordering::Relaxed);
+                self.counters
+                    .outbox_bytes
+                    .fetch_sub(bytes, Ordering::Relaxed);
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            tx.prepare_cached(schema::COUNTER_ADD)?
+                .execute(params![schema::OUTBOX_DROPPED, dropped])?;
+            let total = self
+                .counters
+                .outbox_dropped
+                .fetch_add(dropped, Ordering::Relaxed)
+                + dropped;
+            tracing::warn!(
+                dropped,
+                total_dropped = total,
+                max_rows,
+                max_bytes,
+                "The outbox is full: the oldest unsent messages were dropped (store.outbox.max_rows / max_bytes)."
+            );
+        }
+        Ok(())
+    }
+
+    fn record(&self, tx: &Connection, r: &HistoryRecord) -> Result<(), rusqlite::Error> {
+        tx.prepare_cached(schema::HISTORY_INSERT)?.execute(params![
+            r.ts_ms,
+            r.model,
+            r.model_sha256,
+            &r.input_sha256[..],
+            r.input,
+            r.output,
+            r.route,
+            r.confidence
+        ])?;
+        let rows = self.counters.history_rows.fetch_add(1, Ordering::Relaxed) + 1;
+        if rows > self.cfg.history.max_rows {
+            let trimmed = tx
+                .prepare_cached(schema::HISTORY_TRIM)?
+                .execute([self.cfg.history.max_rows])?;
+            self.counters
+                .history_rows
+                .fetch_sub(trimmed as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn report(&self, tx: &Connection) -> Result<StoreReport, rusqlite::Error> {
+        let models = tx
+            .prepare_cached(schema::CACHE_BY_MODEL)?
+            .query_map([], |r| {
+                Ok(ModelCacheReport {
+                    model: r.get(0)?,
+                    rows: r.get(1)?,
+                    bytes: r.get(2)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let (cache_rows, cache_bytes): (u64, u64) =
+            tx.query_row(schema::CACHE_TOTALS, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (outbox_rows, outbox_bytes): (u64, u64) =
+            tx.query_row(schema::OUTBOX_TOTALS, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let dropped: u64 =
+            tx.query_row(schema::COUNTER_GET, [schema::OUTBOX_DROPPED], |r| r.get(0))?;
+        let evicted: u64 =
+            tx.query_row(schema::COUNTER_GET, [schema::CACHE_EVICTED], |r| r.get(0))?;
+        let history_rows: u64 = tx.query_row(schema::HISTORY_COUNT, [], |r| r.get(0))?;
+        let schema_version: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let c = &self.counters;
+        Ok(StoreReport {
+            path: self.cfg.path.clone(),
+            file_bytes: std::fs::metadata(&self.cfg.path).map_or(0, |m| m.len())
+                + std::fs::metadata(format!("{}-wal", self.cfg.path.display()))
+                    .map_or(0, |m| m.len()),
+            schema_version,
+            outbox: OutboxReport {
+                rows: outbox_rows,
+                bytes: outbox_bytes,
+                dropped,
+            },
+            cache: CacheReport {
+                rows: cache_rows,
+                bytes: cache_bytes,
+                evicted,
+                hits: c.cache_hits.load(Ordering::Relaxed),
+                misses: c.cache_misses.load(Ordering::Relaxed),
+                models,
+            },
+            history_rows,
+        })
+    }
+}
+
+fn load_outbox(
+    tx: &Connection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<OutboxRow>, rusqlite::Error> {
+    tx.prepare_cached(schema::OUTBOX_AFTER)?
+        .query_map(params![after, limit as i64], |r| {
+            Ok(OutboxRow {
+                id: r.get(0)?,
+                created_ms: r.get(6)?,
+                message: OutMessage {
+                    topic: r.get(1)?,
+                    payload: r.get(2)?,
+                    correlation: r.get(3)?,
+                    v5: r.get(4)?,
+                    retain: r.get(5)?,
+                },
+            })
+        })?
+        .collect()
+}

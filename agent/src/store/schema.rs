@@ -1,0 +1,90 @@
+//! The database schema, as an ordered list of migrations, and every SQL statement the store
+//! runs. `PRAGMA user_version` records how many migrations a file has had.
+
+/// Migration `i` takes a database from version `i` to `i + 1`. Append, never edit.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: cache, outbox, history, counters.
+    "
+    CREATE TABLE cache (
+        key        BLOB PRIMARY KEY,
+        model      TEXT NOT NULL,
+        value      BLOB NOT NULL,
+        bytes      INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        used_ms    INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX cache_by_use ON cache(used_ms);
+    CREATE INDEX cache_by_expiry ON cache(expires_ms);
+    -- AUTOINCREMENT: ids are never reused, so a publisher's cursor (`id > n`) stays valid
+    -- even when the table empties.
+    CREATE TABLE outbox (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic       TEXT NOT NULL,
+        payload     BLOB NOT NULL,
+        correlation BLOB,
+        v5          INTEGER NOT NULL,
+        retain      INTEGER NOT NULL,
+        created_ms  INTEGER NOT NULL
+    );
+    CREATE TABLE history (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ms        INTEGER NOT NULL,
+        model        TEXT NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        input_sha256 BLOB NOT NULL,
+        input        BLOB,
+        output       BLOB NOT NULL,
+        route        TEXT NOT NULL,
+        confidence   REAL
+    );
+    CREATE INDEX history_by_confidence ON history(model, confidence);
+    CREATE TABLE counters (
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    ",
+];
+
+pub const CACHE_GET: &str = "SELECT value, expires_ms FROM cache WHERE key = ?1";
+pub const CACHE_TOUCH: &str = "UPDATE cache SET used_ms = ?2 WHERE key = ?1";
+pub const CACHE_PUT: &str = "INSERT INTO cache (key, model, value, bytes, created_ms, expires_ms, used_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?5)
+     ON CONFLICT(key) DO UPDATE SET value = excluded.value, bytes = excluded.bytes,
+         created_ms = excluded.created_ms, expires_ms = excluded.expires_ms, used_ms = excluded.used_ms";
+pub const CACHE_SIZE_OF: &str = "SELECT bytes FROM cache WHERE key = ?1";
+pub const CACHE_DELETE: &str = "DELETE FROM cache WHERE key = ?1 RETURNING bytes";
+pub const CACHE_LEAST_USED: &str = "SELECT key, bytes FROM cache ORDER BY used_ms, key LIMIT ?1";
+pub const CACHE_EXPIRED: &str = "DELETE FROM cache WHERE expires_ms <= ?1 RETURNING bytes";
+pub const CACHE_TOTALS: &str = "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM cache";
+pub const CACHE_CLEAR_ALL: &str = "DELETE FROM cache";
+pub const CACHE_CLEAR_MODEL: &str = "DELETE FROM cache WHERE model = ?1";
+pub const CACHE_BY_MODEL: &str =
+    "SELECT model, COUNT(*), COALESCE(SUM(bytes), 0) FROM cache GROUP BY model ORDER BY model";
+
+pub const OUTBOX_APPEND: &str =
+    "INSERT INTO outbox (topic, payload, correlation, v5, retain, created_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+pub const OUTBOX_AFTER: &str = "SELECT id, topic, payload, correlation, v5, retain, created_ms
+     FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2";
+pub const OUTBOX_DELETE: &str =
+    "DELETE FROM outbox WHERE id = ?1 RETURNING length(topic) + length(payload)";
+pub const OUTBOX_OLDEST: &str =
+    "SELECT id, length(topic) + length(payload) FROM outbox ORDER BY id LIMIT ?1";
+pub const OUTBOX_TOTALS: &str =
+    "SELECT COUNT(*), COALESCE(SUM(length(topic) + length(payload)), 0) FROM outbox";
+pub const OUTBOX_SEQ: &str =
+    "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0)";
+
+pub const HISTORY_INSERT: &str = "INSERT INTO history (ts_ms, model, model_sha256, input_sha256, input, output, route, confidence)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+pub const HISTORY_TRIM: &str = "DELETE FROM history WHERE id <= (SELECT MAX(id) FROM history) - ?1";
+pub const HISTORY_COUNT: &str = "SELECT COUNT(*) FROM history";
+
+pub const COUNTER_ADD: &str = "INSERT INTO counters (name, value) VALUES (?1, ?2)
+     ON CONFLICT(name) DO UPDATE SET value = value + excluded.value";
+pub const COUNTER_GET: &str = "SELECT COALESCE((SELECT value FROM counters WHERE name = ?1), 0)";
+
+/// Names in the `counters` table.
+pub const OUTBOX_DROPPED: &str = "outbox_dropped";
+pub const CACHE_EVICTED: &str = "cache_evicted";
