@@ -74,6 +74,8 @@ pub struct Running {
     pub pool_connected: Option<watch::Receiver<bool>>,
     /// The embedded broker's addresses, if one was started.
     pub embedded_broker: Option<broker::EmbeddedBroker>,
+    /// The agent's database, for its counters (outbox depth, cache hits).
+    pub store: store::StoreHandle,
 }
 
 /// Runs the agent until `shutdown` completes, then stops taking requests, finishes those in
@@ -249,6 +251,7 @@ pub async fn run(
             connected: connected_rx,
             pool_connected,
             embedded_broker: embedded,
+            store: store.clone(),
         });
     }
 

@@ -191,6 +191,8 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "info,rumqttd=off,rumqttc=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: logs that go to files and journald stay plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     match run(cli) {
@@ -322,7 +324,12 @@ fn run_agent(
         .thread_name("tether-io")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(agent::run(cfg, shutdown_signal(), None))?;
+    runtime.block_on(async {
+        // Signals are caught from here on, so a SIGTERM during start-up is not fatal: the
+        // agent finishes starting, then stops cleanly.
+        let shutdown = shutdown_signal().context("cannot listen for SIGINT and SIGTERM")?;
+        anyhow::Ok(agent::run(cfg, shutdown, None).await?)
+    })?;
     Ok(())
 }
 
@@ -416,27 +423,17 @@ fn bench_mqtt(
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+/// Resolves on SIGINT or SIGTERM; the handlers are in place as soon as this returns.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("SIGINT received."),
+            _ = terminate.recv() => tracing::info!("SIGTERM received."),
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received."),
-        () = term => tracing::info!("SIGTERM received."),
-    }
+    })
 }
 
 fn models_table(dir: &std::path::Path, check: bool) -> anyhow::Result<()> {

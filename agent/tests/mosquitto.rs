@@ -1,5 +1,6 @@
-//! Interoperability with Mosquitto, Debian's MQTT broker, and its command-line clients; and a
-//! broker restart in the middle of a stream of QoS 1 requests.
+//! Interoperability with Mosquitto, Debian's MQTT broker, and its command-line clients; a
+//! broker restart in the middle of a stream of QoS 1 requests; and the outbox through a broker
+//! stopped and restarted, a cut link, and an agent killed with SIGKILL again and again.
 //!
 //! These need `mosquitto` and `mosquitto-clients` installed, so they are opt-in:
 //! `cargo test -p agent --test mosquitto -- --ignored` (CI runs them). Opted in without
@@ -14,8 +15,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Requester, TestAgent, golden, golden_with};
+use common::{Proxy, Requester, TestAgent, golden, golden_with};
 use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 
 const NEEDS: &str = "needs Mosquitto: cargo test -p agent --test mosquitto -- --ignored";
 
@@ -498,4 +501,276 @@ async fn an_agent_speaking_v311_serves_through_mosquitto() {
     assert_eq!(v["model_name"], "digits");
     assert_eq!(v["parameters"]["device_id"], "mosq-311");
     agent.stop().await;
+}
+
+/// The faults the outbox must ride out.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Mosquitto stopped (saving its sessions) and started again.
+    StopBroker,
+    /// The device's network link cut and restored, the broker running on.
+    CutLink,
+}
+
+/// Streams PP-OCR requests at a one-worker agent, injects `fault` once the first reply is in,
+/// waits while the rest of the backlog is answered into the outbox, heals the fault, and
+/// checks that every reply arrives, in order, and that the outbox empties.
+async fn outbox_rides_out(fault: Fault) {
+    let mut broker = Mosquitto::start();
+    let broker_addr: std::net::SocketAddr = format!("127.0.0.1:{}", broker.port).parse().unwrap();
+    let proxy = Proxy::start(broker_addr).await;
+    let url = match fault {
+        Fault::StopBroker => broker.url(),
+        Fault::CutLink => format!("mqtt://{}", proxy.addr),
+    };
+    let device = format!("outbox-{}", format!("{fault:?}").to_lowercase());
+    let agent = TestAgent::start(&device, |raw| {
+        raw.embedded_broker = None;
+        raw.mqtt.broker = url;
+        raw.inference.workers = Some(1);
+        raw.inference.queue = 1000;
+    })
+    .await;
+    let mut req = Requester::connect_persistent(broker_addr, &device).await;
+    // PP-OCR takes milliseconds per image, so the agent is still working through the stream
+    // when the fault strikes; `cache: false` keeps every request on the model.
+    let body = golden_with("ocr_det", json!({"cache": false}));
+    let n = 60;
+    let topic = format!("tether/{device}/infer/ocr_det");
+    for i in 0..n {
+        req.send(&topic, &body, format!("{i:03}").as_bytes()).await;
+    }
+    let first = req.next(Duration::from_secs(30)).await;
+    match fault {
+        Fault::StopBroker => broker.stop(),
+        Fault::CutLink => proxy.cut(),
+    }
+    let counters = agent.running.store.counters.clone();
+    let mut most_waiting = 0;
+    let mut last = u64::MAX;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    // The backlog is answered into the outbox: wait until it stops growing.
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let rows = counters.outbox_rows.load(Ordering::Relaxed);
+        most_waiting = most_waiting.max(rows);
+        if rows == last && rows > 0 {
+            break;
+        }
+        last = rows;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox never settled"
+        );
+    }
+    assert!(
+        most_waiting > 0,
+        "replies made during the fault must wait in the outbox"
+    );
+    match fault {
+        Fault::StopBroker => broker.spawn(),
+        Fault::CutLink => proxy.restore(),
+    }
+
+    let mut order = vec![String::from_utf8(first.correlation.unwrap()).unwrap()];
+    let mut seen: HashSet<String> = order.iter().cloned().collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < n {
+        let r = tokio::time::timeout_at(deadline, req.next_any())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {n} replies arrived; {} still in the outbox",
+                    seen.len(),
+                    counters.outbox_rows.load(Ordering::Relaxed)
+                )
+            });
+        assert_eq!(r.body["model_name"], "ocr_det", "{}", r.body);
+        let c = String::from_utf8(r.correlation.unwrap()).unwrap();
+        // Requests in flight when the fault struck are delivered again: a duplicate reply is
+        // allowed (QoS 1 is at least once), disorder is not.
+        if seen.insert(c.clone()) {
+            order.push(c);
+        }
+    }
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted, "replies arrived out of order");
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while counters.outbox_rows.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("delivered messages are deleted from the outbox");
+    eprintln!("{fault:?}: the outbox held up to {most_waiting} replies");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: cargo test -p agent --test mosquitto -- --ignored"]
+async fn replies_made_while_the_broker_is_down_arrive_in_order_when_it_returns() {
+    outbox_rides_out(Fault::StopBroker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: cargo test -p agent --test mosquitto -- --ignored"]
+async fn replies_made_while_the_link_is_cut_arrive_in_order_when_it_returns() {
+    outbox_rides_out(Fault::CutLink).await;
+}
+
+/// A digits request whose input differs with `i`, so every request is a cache miss and a write.
+fn distinct_digits(i: usize) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(&golden("digits")).unwrap();
+    v["inputs"][0]["data"][i % 64] = json!((i % 997) as f64 / 997.0);
+    serde_json::to_vec(&v).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: cargo test -p agent --test mosquitto -- --ignored"]
+async fn an_agent_killed_at_random_points_loses_no_acknowledged_reply() {
+    let broker = Mosquitto::start();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", broker.port).parse().unwrap();
+    let dir = common::scratch_dir("crash");
+    let db = dir.join("tether.db");
+    let config = dir.join("agent.toml");
+    // Write-heavy and slow to write, so kills land in the middle of it: every request is
+    // cached and recorded in the history with its input, each write is its own commit, and
+    // each commit waits for the disk.
+    std::fs::write(
+        &config,
+        "[inference]\nqueue = 10000\n[store]\nsynchronous = \"full\"\nmax_batch = 1\n[store.history]\nsample = 1.0\ninputs = \"store\"\n",
+    )
+    .unwrap();
+    let spawn = |round: usize| {
+        let log = std::fs::File::create(dir.join(format!("agent-{round}.log"))).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "--broker",
+                &broker.url(),
+                "--device-id",
+                "crash-dev",
+                "--workers",
+                "1",
+            ])
+            .arg("--db")
+            .arg(&db)
+            .env("RUST_LOG", "info,rumqttc=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let mut req = Requester::connect_persistent(addr, "crash").await;
+    let topic = "tether/crash-dev/infer/digits";
+
+    // The first start makes the agent's persistent session; until then requests would go nowhere.
+    let mut child = spawn(0);
+    loop {
+        req.send(topic, &golden("digits"), b"warmup").await;
+        if tokio::time::timeout(Duration::from_millis(500), req.next_any())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+    }
+    let rounds = 20;
+    let per_round = 250;
+    let mut sent = 0;
+    for round in 0..rounds {
+        if round > 0 {
+            child = spawn(round);
+        }
+        for _ in 0..per_round {
+            req.send(
+                topic,
+                &distinct_digits(sent),
+                format!("{sent:05}").as_bytes(),
+            )
+            .await;
+            sent += 1;
+        }
+        // Anywhere from start-up (opening the database, loading models) to mid-stream.
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(20..700))).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // The database opens after every kill, and nothing was moved aside.
+        let check = Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+            .args(["outbox", "list", "--limit", "0", "--db"])
+            .arg(&db)
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "round {round}: the database does not open: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let aside: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+            .collect();
+        assert!(aside.is_empty(), "round {round}: the database was damaged");
+    }
+
+    // Back once more: every request gets its reply, from the outbox or by redelivery.
+    let mut last = spawn(rounds);
+    let mut answered = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while answered.len() < sent {
+        let Ok(r) = tokio::time::timeout_at(deadline, req.next_any()).await else {
+            let missing: Vec<usize> = (0..sent)
+                .filter(|i| !answered.contains(&format!("{i:05}")))
+                .collect();
+            let _ = last.kill();
+            panic!(
+                "{} of {sent} requests never got a reply: {missing:?} (logs in {})",
+                missing.len(),
+                dir.display()
+            );
+        };
+        let c = String::from_utf8(r.correlation.unwrap_or_default()).unwrap();
+        if c != "warmup" {
+            assert_eq!(r.body["model_name"], "digits", "{}", r.body);
+            answered.insert(c);
+        }
+    }
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(last.id().to_string())
+        .status()
+        .unwrap();
+    let status = last.wait().unwrap();
+    assert!(
+        status.success(),
+        "the agent exits cleanly on SIGTERM: {status}"
+    );
+    // How much each start found waiting: the kills must have landed mid-stream, or this test
+    // proved nothing.
+    let mut resumed = Vec::new();
+    for round in 1..=rounds {
+        let log = std::fs::read_to_string(dir.join(format!("agent-{round}.log"))).unwrap();
+        let rows = log
+            .lines()
+            .find(|l| l.contains("Database open."))
+            .and_then(|l| l.split("outbox_rows=").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok());
+        resumed.push(rows);
+    }
+    let with_backlog = resumed
+        .iter()
+        .filter(|r| matches!(r, Some(n) if *n > 0))
+        .count();
+    eprintln!(
+        "{sent} requests over {rounds} kills, all answered; outbox rows found at each start: {resumed:?}"
+    );
+    assert!(
+        with_backlog > 0,
+        "no start found unsent replies, so no kill landed mid-stream: {resumed:?}"
+    );
 }

@@ -632,12 +632,7 @@ impl Worker {
             if maintain {
                 last_maintenance = Instant::now();
             }
-            let stop = self.apply(batch, maintain);
-            watermark_tx.send_if_modified(|w| {
-                let changed = *w != self.state.last_outbox_id;
-                *w = self.state.last_outbox_id;
-                changed
-            });
+            let stop = self.apply(batch, maintain, watermark_tx);
             if let Some(reply) = stop {
                 let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
                 let _ = reply.send(());
@@ -647,7 +642,12 @@ impl Worker {
     }
 
     /// Runs one batch in one transaction. Returns the stop reply if the batch held a stop.
-    fn apply(&mut self, batch: Vec<Command>, maintain: bool) -> Option<flume::Sender<()>> {
+    fn apply(
+        &mut self,
+        batch: Vec<Command>,
+        maintain: bool,
+        watermark_tx: &watch::Sender<i64>,
+    ) -> Option<flume::Sender<()>> {
         let mut after = Vec::new();
         let mut stop = None;
         let mut writes = 0u64;
@@ -768,6 +768,8 @@ impl Worker {
         })();
         match result {
             Ok(()) => {
+                let last = self.state.last_outbox_id;
+                watermark_tx.send_if_modified(|w| std::mem::replace(w, last) != last);
                 if writes > 0 {
                     self.state.counters.commits.fetch_add(1, Ordering::Relaxed);
                     self.state
@@ -1057,3 +1059,6 @@ fn load_outbox(
         })?
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

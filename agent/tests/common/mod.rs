@@ -256,3 +256,51 @@ pub fn golden_with(model: &str, parameters: Value) -> Vec<u8> {
     v["parameters"] = parameters;
     serde_json::to_vec(&v).unwrap()
 }
+
+/// A TCP proxy in front of a broker, whose link can be cut and restored: the injected fault
+/// of a device losing its network. While cut, open connections are dropped and new ones are
+/// closed at once.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up_tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up_tx, up_rx) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !*up_rx.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                let mut up_rx = up_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = up_rx.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, up_tx }
+    }
+
+    pub fn cut(&self) {
+        self.up_tx.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up_tx.send_replace(true);
+    }
+}
