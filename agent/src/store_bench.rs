@@ -190,7 +190,7 @@ pub fn run(
                 k[..8].copy_from_slice(&n.to_le_bytes());
                 assert_hit(store.cache_get(&k, store::now_ms()).is_none());
             });
-            rows.push(("miss (key + SQLite lookup)", samples));
+            rows.push(("miss (key + key index)", samples));
         }
         stop(store, thread);
     }
@@ -198,9 +198,10 @@ pub fn run(
         let _ = model.infer(inputs.clone());
     });
     rows.push(("digits int8 model run, for scale", samples));
+    let elements: usize = inputs.iter().map(|t| t.data().len()).sum();
     let _ = writeln!(
         out,
-        "\nresult cache, per request (digits, 784 floats in, ~{} bytes cached):",
+        "\nresult cache, per request (digits: {elements} floats in, {} bytes cached):",
         value.len()
     );
     let _ = writeln!(out, "  {:<34} {:>10} {:>10}", "case", "p50 us", "p99 us");

@@ -10,9 +10,10 @@ pub mod cache;
 pub mod outbox;
 mod schema;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -177,12 +178,18 @@ pub enum OpenMode {
     Inspect,
 }
 
+/// The keys of every cached result in the database, so a miss is known without asking it.
+/// The store thread removes keys as it deletes rows; a key may linger briefly after a failed
+/// write, which costs one lookup, never a wrong answer.
+type KeyIndex = Arc<Mutex<HashSet<CacheKey>>>;
+
 /// The cheap handle to the store thread.
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
     commands_tx: flume::Sender<Command>,
     watermark_rx: watch::Receiver<i64>,
     front: Front,
+    index: KeyIndex,
     pub counters: Arc<Counters>,
 }
 
@@ -210,7 +217,13 @@ pub fn now_ms() -> i64 {
 pub fn open(cfg: &StoreConfig, mode: OpenMode) -> Result<(StoreHandle, StoreThread), StoreError> {
     let conn = open_connection(&cfg.path, cfg.synchronous, mode)?;
     let counters = Arc::new(Counters::default());
-    let mut worker = Worker::new(conn, cfg.clone(), counters.clone())?;
+    let keys: HashSet<CacheKey> = conn
+        .prepare(schema::CACHE_KEYS)?
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+        .filter_map(|k| k.ok().and_then(|k| CacheKey::try_from(k.as_slice()).ok()))
+        .collect();
+    let index: KeyIndex = Arc::new(Mutex::new(keys));
+    let mut worker = Worker::new(conn, cfg.clone(), counters.clone(), index.clone())?;
     let (watermark_tx, watermark_rx) = watch::channel(worker.last_outbox_id()?);
     let (commands_tx, commands_rx) = flume::bounded(COMMAND_QUEUE);
     let thread = std::thread::Builder::new()
@@ -225,6 +238,7 @@ pub fn open(cfg: &StoreConfig, mode: OpenMode) -> Result<(StoreHandle, StoreThre
             commands_tx,
             watermark_rx,
             front: Front::new(cfg.cache.memory_entries),
+            index,
             counters,
         },
         StoreThread(Some(thread)),
@@ -406,6 +420,9 @@ impl StoreHandle {
     /// the store thread: call from a worker thread).
     pub fn cache_get(&self, key: &CacheKey, now_ms: i64) -> Option<Arc<Vec<u8>>> {
         let found = self.front.get(key, now_ms).or_else(|| {
+            if !lock(&self.index).contains(key) {
+                return None;
+            }
             let (reply, rx) = flume::bounded(1);
             self.commands_tx
                 .send(Command::CacheGet {
@@ -434,6 +451,7 @@ impl StoreHandle {
         let now = now_ms();
         let expires_ms = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
         let value = Arc::new(value);
+        lock(&self.index).insert(key);
         self.front.put(
             key,
             Cached {
@@ -533,7 +551,12 @@ struct Worker {
 struct State {
     cfg: StoreConfig,
     counters: Arc<Counters>,
+    index: KeyIndex,
     last_outbox_id: i64,
+}
+
+fn lock(index: &KeyIndex) -> std::sync::MutexGuard<'_, HashSet<CacheKey>> {
+    index.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What to do once a batch is committed (or rolled back).
@@ -547,12 +570,14 @@ impl Worker {
         conn: Connection,
         cfg: StoreConfig,
         counters: Arc<Counters>,
+        index: KeyIndex,
     ) -> Result<Worker, StoreError> {
         let mut w = Worker {
             conn,
             state: State {
                 cfg,
                 counters,
+                index,
                 last_outbox_id: 0,
             },
         };
@@ -725,13 +750,36 @@ impl Worker {
                     }
                     Command::CacheClear { model, reply } => {
                         let n = match &model {
-                            Some(m) => tx.execute(schema::CACHE_CLEAR_MODEL, [m])?,
-                            None => tx.execute(schema::CACHE_CLEAR_ALL, [])?,
+                            Some(m) => {
+                                let keys: Vec<Vec<u8>> = tx
+                                    .prepare(schema::CACHE_CLEAR_MODEL)?
+                                    .query_map([m], |r| r.get(0))?
+                                    .collect::<Result<_, _>>()?;
+                                let mut index = lock(&self.state.index);
+                                for k in &keys {
+                                    if let Ok(k) = CacheKey::try_from(k.as_slice()) {
+                                        index.remove(&k);
+                                    }
+                                }
+                                keys.len()
+                            }
+                            None => {
+                                lock(&self.state.index).clear();
+                                tx.execute(schema::CACHE_CLEAR_ALL, [])?
+                            }
                         };
+                        let (rows, bytes): (u64, u64) =
+                            tx.query_row(schema::CACHE_TOTALS, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                        self.state
+                            .counters
+                            .cache_rows
+                            .store(rows, Ordering::Relaxed);
+                        self.state
+                            .counters
+                            .cache_bytes
+                            .store(bytes, Ordering::Relaxed);
                         let _ = reply.send(Ok(n as u64));
                         writes += 1;
-                        // Totals are recounted after the commit.
-                        cached = true;
                     }
                     Command::History(record) => {
                         self.state.record(&tx, &record)?;
@@ -752,9 +800,16 @@ impl Worker {
             }
             if maintain {
                 let mut stmt = tx.prepare_cached(schema::CACHE_EXPIRED)?;
-                let freed: Vec<u64> = stmt
-                    .query_map([now_ms()], |r| r.get(0))?
+                let freed: Vec<(Vec<u8>, u64)> = stmt
+                    .query_map([now_ms()], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<Result<_, _>>()?;
+                let mut index = lock(&self.state.index);
+                for (k, _) in &freed {
+                    if let Ok(k) = CacheKey::try_from(k.as_slice()) {
+                        index.remove(&k);
+                    }
+                }
+                drop(index);
                 self.state
                     .counters
                     .cache_rows
@@ -762,7 +817,7 @@ impl Worker {
                 self.state
                     .counters
                     .cache_bytes
-                    .fetch_sub(freed.iter().sum(), Ordering::Relaxed);
+                    .fetch_sub(freed.iter().map(|f| f.1).sum(), Ordering::Relaxed);
             }
             tx.commit()
         })();
@@ -828,6 +883,7 @@ impl State {
                 }))
             }
             Some(_) => {
+                lock(&self.index).remove(key);
                 let bytes: Option<u64> = tx
                     .prepare_cached(schema::CACHE_DELETE)?
                     .query_row([&key[..]], |r| r.get(0))
@@ -840,7 +896,10 @@ impl State {
                 }
                 Ok(None)
             }
-            None => Ok(None),
+            None => {
+                lock(&self.index).remove(key);
+                Ok(None)
+            }
         }
     }
 
@@ -903,6 +962,9 @@ impl State {
                 tx.prepare_cached(schema::CACHE_DELETE)?
                     .query_row([&key], |_| Ok(()))
                     .optional()?;
+                if let Ok(k) = CacheKey::try_from(key.as_slice()) {
+                    lock(&self.index).remove(&k);
+                }
                 self.counters.cache_rows.fetch_sub(1, Ordering::Relaxed);
                 self.counters
                     .cache_bytes

@@ -55,10 +55,11 @@ pub const CACHE_PUT: &str = "INSERT INTO cache (key, model, value, bytes, create
 pub const CACHE_SIZE_OF: &str = "SELECT bytes FROM cache WHERE key = ?1";
 pub const CACHE_DELETE: &str = "DELETE FROM cache WHERE key = ?1 RETURNING bytes";
 pub const CACHE_LEAST_USED: &str = "SELECT key, bytes FROM cache ORDER BY used_ms, key LIMIT ?1";
-pub const CACHE_EXPIRED: &str = "DELETE FROM cache WHERE expires_ms <= ?1 RETURNING bytes";
+pub const CACHE_EXPIRED: &str = "DELETE FROM cache WHERE expires_ms <= ?1 RETURNING key, bytes";
+pub const CACHE_KEYS: &str = "SELECT key FROM cache";
 pub const CACHE_TOTALS: &str = "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM cache";
 pub const CACHE_CLEAR_ALL: &str = "DELETE FROM cache";
-pub const CACHE_CLEAR_MODEL: &str = "DELETE FROM cache WHERE model = ?1";
+pub const CACHE_CLEAR_MODEL: &str = "DELETE FROM cache WHERE model = ?1 RETURNING key";
 pub const CACHE_BY_MODEL: &str =
     "SELECT model, COUNT(*), COALESCE(SUM(bytes), 0) FROM cache GROUP BY model ORDER BY model";
 

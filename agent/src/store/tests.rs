@@ -177,9 +177,28 @@ fn clearing_one_model_keeps_the_others() {
     store.cache_put(key(2), "b", vec![2], Duration::from_secs(600));
     store.flush_blocking();
     assert_eq!(block(store.cache_clear(Some("a".into()))).unwrap(), 1);
+    assert_eq!(store.counters.cache_rows.load(Ordering::Relaxed), 1);
+    assert!(store.cache_get(&key(1), now_ms()).is_none());
+    assert!(store.cache_get(&key(2), now_ms()).is_some());
     let report = block(store.report()).unwrap();
     assert_eq!(report.cache.models.len(), 1);
     assert_eq!(report.cache.models[0].model, "b");
+    close(store, thread);
+}
+
+#[test]
+fn a_reopened_cache_still_knows_its_keys() {
+    let dir = scratch();
+    let config = cfg(&dir, |r| r.store.cache.memory_entries = 0);
+    let (store, thread) = open(&config, OpenMode::Agent).unwrap();
+    store.cache_put(key(7), "m", b"seven".to_vec(), Duration::from_secs(600));
+    close(store, thread);
+    let (store, thread) = open(&config, OpenMode::Agent).unwrap();
+    assert_eq!(
+        store.cache_get(&key(7), now_ms()).as_deref(),
+        Some(&b"seven".to_vec())
+    );
+    assert!(store.cache_get(&key(8), now_ms()).is_none());
     close(store, thread);
 }
 
