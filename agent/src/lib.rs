@@ -7,6 +7,7 @@ pub mod config;
 pub mod infer;
 pub mod loadgen;
 pub mod mqtt;
+pub mod policy;
 pub mod protocol;
 pub mod serve;
 pub mod store;
