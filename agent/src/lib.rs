@@ -6,6 +6,7 @@ pub mod broker;
 pub mod config;
 pub mod infer;
 pub mod loadgen;
+pub mod monitor;
 pub mod mqtt;
 pub mod policy;
 pub mod protocol;
