@@ -28,6 +28,10 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("TETHER_EMBEDDED_BROKER_LISTEN", "embedded_broker.listen"),
     ("TETHER_SHUTDOWN_GRACE_MS", "shutdown_grace_ms"),
     ("TETHER_STORE_PATH", "store.path"),
+    ("TETHER_RELAY_URL", "relay.url"),
+    ("TETHER_RELAY_TOKEN_FILE", "relay.token_file"),
+    ("TETHER_POLICY_MODE", "policy.mode"),
+    ("TETHER_METRICS_LISTEN", "metrics.listen"),
     ("TETHER_STORE_SYNCHRONOUS", "store.synchronous"),
 ];
 
@@ -50,6 +54,109 @@ pub struct RawConfig {
     /// Start an in-process MQTT broker (rumqttd).
     pub embedded_broker: Option<RawEmbeddedBroker>,
     pub store: RawStore,
+    pub policy: RawPolicy,
+    /// The Tether relay to offload to; without one the agent is local-only.
+    pub relay: Option<RawRelay>,
+    pub metrics: RawMetrics,
+}
+
+/// `[policy]`: where requests go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPolicy {
+    /// `local-first` (default), `local-only` or `cloud-first`.
+    pub mode: crate::policy::Mode,
+    /// The latency budget of a request that names none (`parameters.budget_ms`, else the MQTT
+    /// v5 message expiry, else the model's `budget_ms`, else this).
+    pub default_budget_ms: u64,
+    /// Offload whatever the estimates say at or above these.
+    pub cpu_limit_percent: f64,
+    pub temperature_limit_c: f64,
+    /// Offload when this many requests wait locally (default: half of inference.queue).
+    pub queue_limit: Option<usize>,
+    /// How often the load is sampled.
+    pub monitor_interval_ms: u64,
+    /// Per model: `[policy.models.digits] budget_ms = 50, escalate_below = 0.6`.
+    pub models: std::collections::BTreeMap<String, RawModelPolicy>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModelPolicy {
+    pub budget_ms: Option<u64>,
+    /// A classifier answer whose top-1 probability is below this goes to the relay's (bigger)
+    /// model, when the budget and the circuit allow.
+    pub escalate_below: Option<f64>,
+}
+
+/// `[relay]`: the Tether relay (or any Open Inference Protocol server).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRelay {
+    /// `http://host:port` or `https://...`.
+    pub url: String,
+    /// The device's token (sent as `Authorization: Bearer`), from this file.
+    pub token_file: Option<PathBuf>,
+    /// Open the circuit after this many failures in a row...
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// ...or when this share of the last `breaker_window` calls failed.
+    #[serde(default = "default_breaker_error_rate")]
+    pub breaker_error_rate: f64,
+    #[serde(default = "default_breaker_window")]
+    pub breaker_window: usize,
+    /// How long the circuit stays open before one probe.
+    #[serde(default = "default_breaker_open_ms")]
+    pub breaker_open_ms: u64,
+}
+
+impl RawRelay {
+    /// A relay at `url` with the default breaker.
+    pub fn new(url: String) -> RawRelay {
+        RawRelay {
+            url,
+            token_file: None,
+            breaker_failures: default_breaker_failures(),
+            breaker_error_rate: default_breaker_error_rate(),
+            breaker_window: default_breaker_window(),
+            breaker_open_ms: default_breaker_open_ms(),
+        }
+    }
+}
+
+fn default_breaker_failures() -> u32 {
+    3
+}
+fn default_breaker_error_rate() -> f64 {
+    0.5
+}
+fn default_breaker_window() -> usize {
+    20
+}
+fn default_breaker_open_ms() -> u64 {
+    2000
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    /// Serve `/metrics` here (for example `0.0.0.0:9464`); off when unset.
+    pub listen: Option<String>,
+}
+
+impl Default for RawPolicy {
+    fn default() -> Self {
+        RawPolicy {
+            mode: crate::policy::Mode::LocalFirst,
+            default_budget_ms: 1000,
+            cpu_limit_percent: 95.0,
+            temperature_limit_c: 80.0,
+            queue_limit: None,
+            monitor_interval_ms: 1000,
+            models: Default::default(),
+        }
+    }
 }
 
 /// `[store]`: the agent's SQLite database (result cache, outbox, history).
@@ -242,6 +349,9 @@ impl Default for RawConfig {
             inference: RawInference::default(),
             embedded_broker: None,
             store: RawStore::default(),
+            policy: RawPolicy::default(),
+            relay: None,
+            metrics: RawMetrics::default(),
         }
     }
 }
@@ -311,6 +421,38 @@ pub struct Config {
     pub inference: InferenceConfig,
     pub embedded_broker: Option<EmbeddedBrokerConfig>,
     pub store: StoreConfig,
+    pub policy: PolicyConfig,
+    pub relay: Option<RelayConfig>,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub policy: crate::policy::Policy,
+    pub default_budget: Duration,
+    pub monitor_interval: Duration,
+    pub models: std::collections::BTreeMap<String, RawModelPolicy>,
+}
+
+impl PolicyConfig {
+    /// The budget of a request to `model` that names none.
+    pub fn budget_for(&self, model: &str) -> Duration {
+        self.models
+            .get(model)
+            .and_then(|m| m.budget_ms)
+            .map_or(self.default_budget, Duration::from_millis)
+    }
+
+    pub fn escalate_below(&self, model: &str) -> Option<f64> {
+        self.models.get(model).and_then(|m| m.escalate_below)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub url: url::Url,
+    pub token: Option<String>,
+    pub breaker: crate::policy::BreakerConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -515,6 +657,13 @@ impl RawConfig {
             ));
         }
         let store = self.validate_store(&mut errors);
+        let policy = self.validate_policy(inference.queue, &mut errors);
+        let relay = self.validate_relay(&mut errors);
+        let metrics_listen = self
+            .metrics
+            .listen
+            .as_ref()
+            .and_then(|a| parse_addr("metrics.listen", a, &mut errors));
         match (mqtt, errors.is_empty()) {
             (Some(mqtt), true) => Ok(Config {
                 device_id,
@@ -531,9 +680,100 @@ impl RawConfig {
                 },
                 embedded_broker,
                 store,
+                policy,
+                relay,
+                metrics_listen,
             }),
             _ => Err(ConfigErrors(errors)),
         }
+    }
+
+    fn validate_policy(&self, queue: usize, errors: &mut Vec<String>) -> PolicyConfig {
+        let p = &self.policy;
+        if p.default_budget_ms == 0 {
+            errors.push("policy.default_budget_ms must be positive".into());
+        }
+        if !(0.0..=100.0).contains(&p.cpu_limit_percent) {
+            errors.push(format!(
+                "policy.cpu_limit_percent is {}; use 0 to 100",
+                p.cpu_limit_percent
+            ));
+        }
+        if p.monitor_interval_ms < 50 {
+            errors.push("policy.monitor_interval_ms must be at least 50".into());
+        }
+        for (name, m) in &p.models {
+            if let Some(t) = m.escalate_below
+                && !(0.0..=1.0).contains(&t)
+            {
+                errors.push(format!(
+                    "policy.models.{name}.escalate_below is {t}; use a probability from 0 to 1"
+                ));
+            }
+            if m.budget_ms == Some(0) {
+                errors.push(format!("policy.models.{name}.budget_ms must be positive"));
+            }
+        }
+        PolicyConfig {
+            policy: crate::policy::Policy {
+                mode: p.mode,
+                limits: crate::policy::Limits {
+                    cpu_percent: p.cpu_limit_percent,
+                    temperature_c: p.temperature_limit_c,
+                    queue: p.queue_limit.unwrap_or((queue / 2).max(1)),
+                },
+            },
+            default_budget: Duration::from_millis(p.default_budget_ms),
+            monitor_interval: Duration::from_millis(p.monitor_interval_ms),
+            models: p.models.clone(),
+        }
+    }
+
+    fn validate_relay(&self, errors: &mut Vec<String>) -> Option<RelayConfig> {
+        let r = self.relay.as_ref()?;
+        let url = match url::Url::parse(&r.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Some(u),
+            Ok(u) => {
+                errors.push(format!(
+                    "relay.url `{u}` must be an http:// or https:// URL with a host"
+                ));
+                None
+            }
+            Err(e) => {
+                errors.push(format!("relay.url `{}` is not a URL ({e})", r.url));
+                None
+            }
+        };
+        let token = match &r.token_file {
+            Some(f) => match std::fs::read_to_string(f) {
+                Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+                Ok(_) => {
+                    errors.push(format!("relay.token_file {} is empty", f.display()));
+                    None
+                }
+                Err(e) => {
+                    errors.push(format!("relay.token_file {}: {e}", f.display()));
+                    None
+                }
+            },
+            None => None,
+        };
+        if r.breaker_failures == 0
+            || !(0.0..=1.0).contains(&r.breaker_error_rate)
+            || r.breaker_window == 0
+        {
+            errors.push("relay.breaker_failures and breaker_window must be positive and breaker_error_rate 0 to 1".into());
+        }
+        Some(RelayConfig {
+            url: url?,
+            token,
+            breaker: crate::policy::BreakerConfig {
+                consecutive_failures: r.breaker_failures.max(1),
+                error_rate: r.breaker_error_rate,
+                window: r.breaker_window.max(1),
+                open_for: Duration::from_millis(r.breaker_open_ms),
+            },
+        })
     }
 
     fn validate_store(&self, errors: &mut Vec<String>) -> StoreConfig {

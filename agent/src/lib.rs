@@ -3,9 +3,11 @@
 
 pub mod bench;
 pub mod broker;
+pub mod cloud;
 pub mod config;
 pub mod infer;
 pub mod loadgen;
+pub mod metrics;
 pub mod monitor;
 pub mod mqtt;
 pub mod policy;
@@ -65,6 +67,15 @@ pub enum AgentError {
     Join(String),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("cannot set up the relay client: {0}")]
+    Relay(#[from] cloud::CloudError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the load monitor: {0}")]
+    Monitor(std::io::Error),
 }
 
 /// What a running agent tells the code that started it (tests, the demo).
@@ -78,6 +89,8 @@ pub struct Running {
     pub embedded_broker: Option<broker::EmbeddedBroker>,
     /// The agent's database, for its counters (outbox depth, cache hits).
     pub store: store::StoreHandle,
+    /// Where `/metrics` is served, if it is.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Runs the agent until `shutdown` completes, then stops taking requests, finishes those in
@@ -156,6 +169,9 @@ pub async fn run(
             "pool": config.pool,
             "workers": config.inference.workers,
             "started_at": started_at,
+            "relay": config.relay.as_ref().map(|r| r.url.to_string()),
+            "local_only": config.relay.is_none() || config.policy.policy.mode == policy::Mode::LocalOnly,
+            "policy": config.policy.policy.mode,
             "outbox": {
                 "rows": c.outbox_rows.load(Ordering::Relaxed),
                 "bytes": c.outbox_bytes.load(Ordering::Relaxed),
@@ -169,6 +185,24 @@ pub async fn run(
         }))
         .unwrap_or_default()
     };
+    let cloud = config.relay.as_ref().map(cloud::Cloud::new).transpose()?;
+    match &config.relay {
+        Some(r) => {
+            tracing::info!(relay = %r.url, mode = ?config.policy.policy.mode, "Offloading to the relay when the policy says so.")
+        }
+        None => tracing::info!("No relay configured (--relay URL): every request runs here."),
+    }
+    let load_rx = monitor::spawn(config.policy.monitor_interval).map_err(AgentError::Monitor)?;
+    let metrics = metrics::Metrics::default();
+    let routing = serve::Routing {
+        policy: config.policy.clone(),
+        cloud: cloud.clone(),
+        load_rx,
+        times: std::sync::Arc::new(serve::ServiceTimes::default()),
+        in_service: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        runtime: tokio::runtime::Handle::current(),
+        metrics: metrics.clone(),
+    };
     let pipeline = serve::Pipeline::start(
         &config.inference,
         config.mqtt.max_payload_bytes,
@@ -180,9 +214,53 @@ pub async fn run(
             store: store.clone(),
             cache: config.store.cache.clone(),
             history: config.store.history.clone(),
+            routing: routing.clone(),
         },
     )
     .map_err(AgentError::Workers)?;
+    let mut metrics_server = None;
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentError::Metrics { addr, source })?;
+        let bound = listener.local_addr().unwrap_or(addr);
+        tracing::info!(addr = %bound, "Serving Prometheus metrics at /metrics.");
+        let probe = pipeline.probe();
+        let counters = store.counters.clone();
+        let in_service = routing.in_service.clone();
+        let cloud = cloud.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let snap = metrics::Snapshot {
+                    queue_depth: probe.len(),
+                    in_service: in_service.load(Ordering::Relaxed),
+                    circuit: match cloud.as_ref().map(cloud::Cloud::circuit) {
+                        None => -1,
+                        Some(policy::BreakerState::Closed) => 0,
+                        Some(policy::BreakerState::HalfOpen) => 1,
+                        Some(policy::BreakerState::Open) => 2,
+                    },
+                };
+                let text = metrics.render(snap, &counters);
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        );
+        metrics_server = Some((
+            bound,
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }),
+        ));
+    }
     let stop_drivers = CancellationToken::new();
     let mut drivers = Vec::new();
     // The device's own connection; room in its client for every queued reply plus acks.
@@ -254,6 +332,7 @@ pub async fn run(
             pool_connected,
             embedded_broker: embedded,
             store: store.clone(),
+            metrics_addr: metrics_server.as_ref().map(|(a, _)| *a),
         });
     }
 
@@ -292,6 +371,9 @@ pub async fn run(
     }
     store.stop().await;
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+    if let Some((_, server)) = metrics_server {
+        server.abort();
+    }
     let left = store.counters.outbox_rows.load(Ordering::Relaxed);
     if left > 0 {
         tracing::info!(

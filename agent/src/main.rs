@@ -88,6 +88,19 @@ enum Command {
         /// The agent's SQLite database (default: store.path, else tether.db).
         #[arg(long, value_name = "PATH")]
         db: Option<PathBuf>,
+        /// The Tether relay to offload to (http:// or https://); without one, every request
+        /// runs here.
+        #[arg(long, value_name = "URL")]
+        relay: Option<String>,
+        /// The device's relay token, from this file.
+        #[arg(long, value_name = "FILE", requires = "relay")]
+        relay_token_file: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
+        /// Routing policy: local-first, local-only or cloud-first.
+        #[arg(long, value_name = "MODE")]
+        policy: Option<String>,
     },
     /// Inspect or clear the result cache of an agent's database (the agent may be running).
     Cache {
@@ -214,14 +227,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device_id,
             workers,
             db,
+            relay,
+            relay_token_file,
+            metrics,
+            policy,
         } => run_agent(
             models,
             config,
-            broker,
-            embedded_broker,
-            device_id,
-            workers,
-            db,
+            RunFlags {
+                broker,
+                embedded_broker,
+                device_id,
+                workers,
+                db,
+                relay,
+                relay_token_file,
+                metrics,
+                policy,
+            },
         ),
         Command::Cache { action, db } => cache_command(action, &db),
         Command::Outbox { action, db } => outbox_command(action, &db),
@@ -284,18 +307,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn run_agent(
-    models: Option<PathBuf>,
-    config: Option<PathBuf>,
+/// `run`'s flags, which override agent.toml.
+struct RunFlags {
     broker: Option<String>,
     embedded_broker: Option<String>,
     device_id: Option<String>,
     workers: Option<usize>,
     db: Option<PathBuf>,
+    relay: Option<String>,
+    relay_token_file: Option<PathBuf>,
+    metrics: Option<String>,
+    policy: Option<String>,
+}
+
+fn run_agent(
+    models: Option<PathBuf>,
+    config: Option<PathBuf>,
+    flags: RunFlags,
 ) -> anyhow::Result<()> {
+    let RunFlags {
+        broker,
+        embedded_broker,
+        device_id,
+        workers,
+        db,
+        relay,
+        relay_token_file,
+        metrics,
+        policy,
+    } = flags;
     let mut raw = RawConfig::load(config.as_deref(), |k| std::env::var(k).ok())?;
     if db.is_some() {
         raw.store.path = db;
+    }
+    if let Some(url) = relay {
+        let r = raw
+            .relay
+            .get_or_insert_with(|| agent::config::RawRelay::new(String::new()));
+        r.url = url;
+        if relay_token_file.is_some() {
+            r.token_file = relay_token_file;
+        }
+    }
+    if metrics.is_some() {
+        raw.metrics.listen = metrics;
+    }
+    if let Some(p) = policy {
+        raw.policy.mode = match p.as_str() {
+            "local-first" => agent::policy::Mode::LocalFirst,
+            "local-only" => agent::policy::Mode::LocalOnly,
+            "cloud-first" => agent::policy::Mode::CloudFirst,
+            other => bail!("--policy is `{other}`; use local-first, local-only or cloud-first"),
+        };
     }
     if models.is_some() {
         raw.models_dir = models;

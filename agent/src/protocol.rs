@@ -35,6 +35,10 @@ pub struct ErrorReply<'a> {
     pub id: Option<&'a str>,
     pub error: &'a str,
     pub code: ErrorCode,
+    /// Why the request was refused, as the routing policy names it (for example
+    /// `would_miss_budget`), when the policy refused it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
 }
 
 impl ErrorReply<'_> {
@@ -216,6 +220,7 @@ mod tests {
             id: Some("r1"),
             error: "unknown model `x`",
             code: ErrorCode::UnknownModel,
+            reason: None,
         }
         .to_json();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();

@@ -3,26 +3,36 @@
 //! the result cache or the model, write the reply to the outbox and only then acknowledge the
 //! request to the broker.
 //!
+//! Each request is routed as it arrives, by [`crate::policy::decide`]: to the local queue, to the
+//! relay (an async task, never a worker), or refused at once with `overloaded`. A worker takes a
+//! request only while its budget lasts, answers it from the cache or the model, and may
+//! escalate a low-confidence answer to the relay's model.
+//!
 //! A full queue answers `overloaded` at once. A request is acknowledged once its reply is
 //! committed to the outbox, so a crash before that means the broker delivers it again, and a
 //! crash after it means the reply is sent when the agent is back.
 //! Acknowledgements go out in the order the requests arrived, as MQTT requires of QoS 1
 //! (MQTT-4.6.0-2), however the workers finish: rumqttd refuses out-of-order acks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use models::Engine;
 use models::engine::LoadedModel;
 use models::v2::{InferenceRequest, InferenceResponse};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
-use crate::config::{CacheConfig, HistoryConfig, HistoryInputs, InferenceConfig};
+use crate::cloud::{Cloud, CloudError};
+use crate::config::{CacheConfig, HistoryConfig, HistoryInputs, InferenceConfig, PolicyConfig};
 use crate::infer::run_decoded;
+use crate::monitor::Load;
 use crate::mqtt::{Client, Incoming};
+use crate::policy::{self, Reason, Relay, Route, Signals};
 use crate::protocol::{ErrorCode, ErrorReply, ReplyRoute, Topics, reply_route};
 use crate::store::outbox::OutMessage;
 use crate::store::{HistoryRecord, StoreHandle, cache, now_ms};
@@ -86,6 +96,68 @@ pub struct Job {
     link: Arc<Link>,
     model: String,
     received: Instant,
+    /// When the request's latency budget runs out.
+    deadline: Instant,
+    budget: Duration,
+    /// Why it is here (the policy's reason, or `offload_failed`).
+    reason: Reason,
+}
+
+/// Recent local service times per model, for the policy's estimates.
+#[derive(Debug, Default)]
+pub struct ServiceTimes {
+    inner: Mutex<HashMap<String, VecDeque<f64>>>,
+}
+
+/// Service times kept per model.
+const SERVICE_WINDOW: usize = 128;
+
+impl ServiceTimes {
+    pub fn record(&self, model: &str, ms: f64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let w = inner.entry(model.to_owned()).or_default();
+        if w.len() == SERVICE_WINDOW {
+            w.pop_front();
+        }
+        w.push_back(ms);
+    }
+
+    /// The moving p50 and p95, once the model has run.
+    pub fn percentiles(&self, model: &str) -> (Option<f64>, Option<f64>) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(w) = inner.get(model).filter(|w| !w.is_empty()) else {
+            return (None, None);
+        };
+        let mut v: Vec<f64> = w.iter().copied().collect();
+        drop(inner);
+        v.sort_by(f64::total_cmp);
+        (
+            Some(models::stats::percentile(&v, 0.5)),
+            Some(models::stats::percentile(&v, 0.95)),
+        )
+    }
+}
+
+/// What routing needs, shared by the intakes and the workers.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    pub policy: PolicyConfig,
+    pub cloud: Option<Cloud>,
+    pub load_rx: watch::Receiver<Load>,
+    pub times: Arc<ServiceTimes>,
+    /// Requests a worker is running now.
+    pub in_service: Arc<AtomicUsize>,
+    pub runtime: tokio::runtime::Handle,
+    pub metrics: crate::metrics::Metrics,
+}
+
+impl Routing {
+    fn relay(&self, model: &str) -> Relay {
+        match &self.cloud {
+            Some(c) => c.relay_signal(model, Instant::now()),
+            None => Relay::None,
+        }
+    }
 }
 
 type JobsTx = Arc<Mutex<Option<flume::Sender<Job>>>>;
@@ -99,6 +171,10 @@ pub struct Intake {
     /// `None` once shutdown began: new requests are left unacknowledged, for redelivery.
     jobs_tx: JobsTx,
     store: StoreHandle,
+    routing: Routing,
+    queue_capacity: usize,
+    workers: usize,
+    device_id: String,
 }
 
 impl Intake {
@@ -121,49 +197,235 @@ impl Intake {
             );
             return self.refuse(ticket, publish, &model, ErrorCode::BadRequest, &error);
         }
+        let probe = Probe::read(&publish.payload);
+        let received = Instant::now();
+        let budget = match (probe.budget_ms, publish.expiry_secs) {
+            (Some(ms), _) if ms.is_finite() && ms > 0.0 => Duration::from_secs_f64(ms / 1e3),
+            (_, Some(secs)) if secs > 0 => Duration::from_secs(u64::from(secs)),
+            _ => self.routing.policy.budget_for(&model),
+        };
         let guard = self.jobs_tx.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(jobs_tx) = guard.as_ref() else {
+        let Some(jobs_tx) = guard.as_ref().cloned() else {
             drop(guard);
             // Shutting down: not acknowledged, so the broker delivers it again later.
             return self.link.finish(ticket, publish, false);
         };
+        drop(guard);
+        let load = *self.routing.load_rx.borrow();
+        let (p50, p95) = self.routing.times.percentiles(&model);
+        let signals = Signals {
+            local_p50_ms: p50,
+            local_p95_ms: p95,
+            queue_depth: jobs_tx.len() + self.routing.in_service.load(Ordering::Relaxed),
+            queue_capacity: self.queue_capacity + self.workers,
+            workers: self.workers,
+            cpu_percent: load.cpu_percent,
+            temperature_c: load.temperature_c,
+            throttled: load.throttled,
+            relay: self.routing.relay(&model),
+        };
+        let budget_ms = budget.as_secs_f64() * 1e3;
+        let decision = policy::decide(&self.routing.policy.policy, &signals, budget_ms);
         let job = Job {
             publish,
             ticket,
             link: self.link.clone(),
             model,
-            received: Instant::now(),
+            received,
+            deadline: received + budget,
+            budget,
+            reason: decision.reason,
         };
+        match decision.route {
+            Route::Reject => {
+                let error = match decision.reason {
+                    Reason::QueueFull => "the agent's inference queue is full and the relay cannot take the request; retry later or send to another device".to_owned(),
+                    _ => format!(
+                        "answering locally would take about {:.0} ms, over the request's budget of {budget_ms:.0} ms, and the relay cannot take it; retry later, raise budget_ms, or send to another device",
+                        decision.local_estimate_ms
+                    ),
+                };
+                self.routing.metrics.routed("reject", decision.reason);
+                self.refuse_with(job, ErrorCode::Overloaded, &error, Some(decision.reason));
+            }
+            Route::Cloud => self.offload(job, probe.reply_to),
+            Route::Local => self.enqueue(&jobs_tx, job),
+        }
+    }
+
+    fn enqueue(&self, jobs_tx: &flume::Sender<Job>, job: Job) {
         match jobs_tx.try_send(job) {
             Ok(()) => {}
             Err(flume::TrySendError::Full(job)) => {
-                drop(guard);
                 let error =
                     "the agent's inference queue is full; retry later or send to another device";
-                self.refuse(
-                    ticket,
-                    job.publish,
-                    &job.model,
-                    ErrorCode::Overloaded,
-                    error,
-                );
+                self.routing.metrics.routed("reject", Reason::QueueFull);
+                self.refuse_with(job, ErrorCode::Overloaded, error, Some(Reason::QueueFull));
             }
             Err(flume::TrySendError::Disconnected(job)) => {
-                drop(guard);
-                self.link.finish(ticket, job.publish, false);
+                self.link.finish(job.ticket, job.publish, false);
             }
         }
+    }
+
+    /// Sends a request to the relay on a task of its own; on failure it runs locally while
+    /// its budget allows.
+    fn offload(&self, job: Job, reply_to: Option<String>) {
+        let Some(cloud) = self.routing.cloud.clone() else {
+            let jobs_tx = self
+                .jobs_tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            return match jobs_tx {
+                Some(tx) => self.enqueue(&tx, job),
+                None => self.link.finish(job.ticket, job.publish, false),
+            };
+        };
+        let intake = self.clone();
+        self.routing.runtime.spawn(async move {
+            let route = reply_route(
+                job.publish.response_topic.as_deref(),
+                job.publish.correlation.as_deref(),
+                reply_to.as_deref(),
+                intake.topics.default_reply(&job.model),
+            );
+            let remaining = job.deadline.saturating_duration_since(Instant::now());
+            let result = cloud
+                .infer(&job.model, job.publish.payload.clone(), remaining)
+                .await;
+            match result {
+                Ok(response) => {
+                    intake.routing.metrics.routed("cloud", job.reason);
+                    let body = finish_response(&intake.routing.metrics, response,
+                        "cloud",
+                        job.reason,
+                        &intake.device_id,
+                        &job,
+                        None,
+                    );
+                    intake.reply(job, route, body).await;
+                }
+                Err(CloudError::Refused { message, .. }) => {
+                    let error = format!("the relay refused the request: {message}");
+                    intake.routing.metrics.routed("cloud", job.reason);
+                    let body = ErrorReply {
+                        id: None,
+                        error: &error,
+                        code: ErrorCode::BadRequest,
+                        reason: None,
+                    }
+                    .to_json();
+                    intake.reply(job, route, body).await;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, model = %job.model, "Offload failed; trying locally.");
+                    let left = job.deadline.saturating_duration_since(Instant::now());
+                    let (p50, p95) = intake.routing.times.percentiles(&job.model);
+                    let local = policy::local_estimate_ms(&Signals {
+                        local_p50_ms: p50,
+                        local_p95_ms: p95,
+                        queue_depth: intake.routing.in_service.load(Ordering::Relaxed)
+                            + intake.queued(),
+                        queue_capacity: intake.queue_capacity,
+                        workers: intake.workers,
+                        cpu_percent: None,
+                        temperature_c: None,
+                        throttled: false,
+                        relay: Relay::Down,
+                    });
+                    let jobs_tx = intake.jobs_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    match jobs_tx {
+                        Some(tx) if local <= left.as_secs_f64() * 1e3 => {
+                            let job = Job {
+                                reason: Reason::OffloadFailed,
+                                ..job
+                            };
+                            intake.enqueue(&tx, job);
+                        }
+                        _ => {
+                            let error = format!(
+                                "the relay could not answer ({e}) and running locally would miss the request's budget of {} ms; retry later",
+                                job.budget.as_millis()
+                            );
+                            intake.routing.metrics.routed("reject", Reason::OffloadFailed);
+                            let body = ErrorReply {
+                                id: None,
+                                error: &error,
+                                code: ErrorCode::Overloaded,
+                                reason: Some(Reason::OffloadFailed.as_str()),
+                            }
+                            .to_json();
+                            intake.reply(job, route, body).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn queued(&self) -> usize {
+        self.jobs_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, flume::Sender::len)
+    }
+
+    /// Writes a reply to the outbox from an async task; the request is acknowledged once it
+    /// is committed.
+    async fn reply(&self, job: Job, route: ReplyRoute, body: Vec<u8>) {
+        let Job {
+            publish,
+            ticket,
+            link,
+            ..
+        } = job;
+        self.store
+            .append_async(
+                OutMessage::reply(route, body),
+                Box::new(move |stored| {
+                    if let Err(e) = &stored {
+                        tracing::warn!(error = %e, "Could not store a reply; the request will be delivered again.");
+                    }
+                    link.finish(ticket, publish, stored.is_ok());
+                }),
+            )
+            .await;
+    }
+
+    fn refuse_with(&self, job: Job, code: ErrorCode, error: &str, reason: Option<Reason>) {
+        let Job {
+            publish,
+            ticket,
+            model,
+            ..
+        } = job;
+        self.refuse_inner(ticket, publish, &model, code, error, reason);
     }
 
     /// Replies with a coded error at once, from the driver's task: the reply goes to the
     /// outbox without waiting, and the request is acknowledged once it is committed.
     fn refuse(&self, ticket: u64, publish: Incoming, model: &str, code: ErrorCode, error: &str) {
+        self.refuse_inner(ticket, publish, model, code, error, None);
+    }
+
+    fn refuse_inner(
+        &self,
+        ticket: u64,
+        publish: Incoming,
+        model: &str,
+        code: ErrorCode,
+        error: &str,
+        reason: Option<Reason>,
+    ) {
         tracing::debug!(%model, ?code, %error, "Request refused.");
         let route = early_route(&self.topics, &publish, model);
         let body = ErrorReply {
             id: None,
             error,
             code,
+            reason: reason.map(Reason::as_str),
         }
         .to_json();
         let link = self.link.clone();
@@ -179,32 +441,63 @@ impl Intake {
     }
 }
 
-/// The reply route known before the payload is parsed (no `parameters.reply_to` yet).
+/// What the intake reads of a request without building a JSON tree of its tensors (it runs
+/// on the MQTT driver's task).
+#[derive(Debug, Default, serde::Deserialize)]
+struct Probe {
+    reply_to: Option<String>,
+    budget_ms: Option<f64>,
+}
+
+impl Probe {
+    fn read(payload: &[u8]) -> Probe {
+        #[derive(serde::Deserialize)]
+        struct Outer {
+            parameters: Option<Probe>,
+        }
+        serde_json::from_slice::<Outer>(payload)
+            .ok()
+            .and_then(|o| o.parameters)
+            .unwrap_or_default()
+    }
+}
+
+/// The reply route known before the payload is fully parsed.
 fn early_route(topics: &Topics, publish: &Incoming, model: &str) -> ReplyRoute {
-    let (response_topic, correlation) = (
+    let probe = Probe::read(&publish.payload);
+    reply_route(
         publish.response_topic.as_deref(),
         publish.correlation.as_deref(),
-    );
-    // This runs on the MQTT driver's task: read `parameters.reply_to` alone, skipping the
-    // tensors without building a JSON tree of them.
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        parameters: Option<ProbeParameters>,
-    }
-    #[derive(serde::Deserialize)]
-    struct ProbeParameters {
-        reply_to: Option<String>,
-    }
-    let reply_to = serde_json::from_slice::<Probe>(&publish.payload)
-        .ok()
-        .and_then(|p| p.parameters)
-        .and_then(|p| p.reply_to);
-    reply_route(
-        response_topic,
-        correlation,
-        reply_to.as_deref(),
+        probe.reply_to.as_deref(),
         topics.default_reply(model),
     )
+}
+
+/// Adds the agent's parameters to a response and serialises it.
+fn finish_response(
+    metrics: &crate::metrics::Metrics,
+    mut response: InferenceResponse,
+    route: &str,
+    reason: Reason,
+    device_id: &str,
+    job: &Job,
+    queue_ms: Option<f64>,
+) -> Vec<u8> {
+    let params = response.parameters.get_or_insert_with(Default::default);
+    params.insert("route".into(), json!(route));
+    params.insert("reason".into(), json!(reason.as_str()));
+    params.insert("device_id".into(), json!(device_id));
+    if let Some(q) = queue_ms {
+        params.insert("queue_ms".into(), json!(round3(q)));
+    }
+    let latency = job.received.elapsed().as_secs_f64();
+    metrics.latency(route, latency);
+    params.insert("latency_ms".into(), json!(round3(latency * 1e3)));
+    params.insert("budget_ms".into(), json!(job.budget.as_millis() as u64));
+    if let Some(v) = &response.model_version {
+        params.insert("model_version".into(), json!(v));
+    }
+    serde_json::to_vec(&response).unwrap_or_default()
 }
 
 /// The worker threads and the queue that feeds them.
@@ -215,6 +508,27 @@ pub struct Pipeline {
     jobs_tx: JobsTx,
     workers: Vec<JoinHandle<()>>,
     store: StoreHandle,
+    routing: Routing,
+    queue_capacity: usize,
+    device_id: String,
+}
+
+/// The queue's depth, readable from anywhere.
+#[derive(Debug, Clone)]
+pub struct QueueProbe(JobsTx);
+
+impl QueueProbe {
+    pub fn len(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, flume::Sender::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What the workers need besides the queue.
@@ -227,6 +541,7 @@ pub struct WorkerContext {
     pub store: StoreHandle,
     pub cache: CacheConfig,
     pub history: HistoryConfig,
+    pub routing: Routing,
 }
 
 impl Pipeline {
@@ -240,6 +555,8 @@ impl Pipeline {
         let mut workers = Vec::with_capacity(cfg.workers);
         let topics = context.topics.clone();
         let store = context.store.clone();
+        let routing = context.routing.clone();
+        let device_id = context.device_id.clone();
         for i in 0..cfg.workers {
             let worker = Worker {
                 jobs_rx: jobs_rx.clone(),
@@ -257,7 +574,15 @@ impl Pipeline {
             jobs_tx: Arc::new(Mutex::new(Some(jobs_tx))),
             workers,
             store,
+            routing,
+            queue_capacity: cfg.queue,
+            device_id,
         })
+    }
+
+    /// Reads the queue's depth, for metrics.
+    pub fn probe(&self) -> QueueProbe {
+        QueueProbe(self.jobs_tx.clone())
     }
 
     /// The intake for requests arriving on one connection.
@@ -268,6 +593,10 @@ impl Pipeline {
             link,
             jobs_tx: self.jobs_tx.clone(),
             store: self.store.clone(),
+            routing: self.routing.clone(),
+            queue_capacity: self.queue_capacity,
+            workers: self.workers.len(),
+            device_id: self.device_id.clone(),
         }
     }
 
@@ -313,32 +642,131 @@ impl Source {
     }
 }
 
+/// What a worker does with a request it has answered.
+enum Outcome {
+    Reply(ReplyRoute, Vec<u8>),
+    /// A low-confidence local answer: ask the relay's model, falling back to this one.
+    Escalate {
+        route: ReplyRoute,
+        local: InferenceResponse,
+        queue_ms: f64,
+    },
+}
+
 impl Worker {
     fn run(self) {
         for job in self.jobs_rx.iter() {
-            let (route, body) = self.process(&job);
+            if Instant::now() >= job.deadline {
+                self.expired(job);
+                continue;
+            }
+            let routing = &self.cx.routing;
+            routing.in_service.fetch_add(1, Ordering::Relaxed);
+            let outcome = self.process(&job);
+            routing.in_service.fetch_sub(1, Ordering::Relaxed);
+            match outcome {
+                Outcome::Reply(route, body) => self.reply(job, route, body),
+                Outcome::Escalate {
+                    route,
+                    local,
+                    queue_ms,
+                } => self.escalate(job, route, local, queue_ms),
+            }
+        }
+    }
+
+    /// A request whose budget ran out in the queue: refused, not run.
+    fn expired(&self, job: Job) {
+        let error = format!(
+            "the request waited {} ms for a local worker, past its budget of {} ms; retry later or send to another device",
+            job.received.elapsed().as_millis(),
+            job.budget.as_millis()
+        );
+        self.cx
+            .routing
+            .metrics
+            .routed("reject", Reason::WouldMissBudget);
+        let route = early_route(&self.cx.topics, &job.publish, &job.model);
+        let body = ErrorReply {
+            id: None,
+            error: &error,
+            code: ErrorCode::Overloaded,
+            reason: Some(Reason::WouldMissBudget.as_str()),
+        }
+        .to_json();
+        self.reply(job, route, body);
+    }
+
+    fn reply(&self, job: Job, route: ReplyRoute, body: Vec<u8>) {
+        let Job {
+            publish,
+            ticket,
+            link,
+            ..
+        } = job;
+        // Waiting on the store's bounded queue is the backpressure we want here: this is a
+        // worker thread, never the event loop.
+        self.cx.store.append(
+            OutMessage::reply(route, body),
+            Box::new(move |stored| {
+                if let Err(e) = &stored {
+                    tracing::warn!(error = %e, "Could not store a reply; the request will be delivered again.");
+                }
+                link.finish(ticket, publish, stored.is_ok());
+            }),
+        );
+    }
+
+    /// Hands a low-confidence answer to an async task that asks the relay's model.
+    fn escalate(&self, job: Job, route: ReplyRoute, local: InferenceResponse, queue_ms: f64) {
+        let Some(cloud) = self.cx.routing.cloud.clone() else {
+            let body = finish_response(
+                &self.cx.routing.metrics,
+                local,
+                "local",
+                job.reason,
+                &self.cx.device_id,
+                &job,
+                Some(queue_ms),
+            );
+            return self.reply(job, route, body);
+        };
+        let cx = self.cx.clone();
+        self.cx.routing.runtime.clone().spawn(async move {
+            let remaining = job.deadline.saturating_duration_since(Instant::now());
+            let result = cloud
+                .infer(&job.model, job.publish.payload.clone(), remaining)
+                .await;
+            let body = match result {
+                Ok(response) => {
+                    cx.routing.metrics.routed("cloud", Reason::Escalated);
+                    finish_response(&cx.routing.metrics, response, "cloud", Reason::Escalated, &cx.device_id, &job, Some(queue_ms))
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, model = %job.model, "Escalation failed; the local answer stands.");
+                    cx.routing.metrics.routed("local", Reason::EscalationFailed);
+                    finish_response(&cx.routing.metrics, local, "local", Reason::EscalationFailed, &cx.device_id, &job, Some(queue_ms))
+                }
+            };
             let Job {
                 publish,
                 ticket,
                 link,
                 ..
             } = job;
-            // Waiting on the store's bounded queue is the backpressure we want here: this is a
-            // worker thread, never the event loop.
-            self.cx.store.append(
-                OutMessage::reply(route, body),
-                Box::new(move |stored| {
-                    if let Err(e) = &stored {
-                        tracing::warn!(error = %e, "Could not store a reply; the request will be delivered again.");
-                    }
-                    link.finish(ticket, publish, stored.is_ok());
-                }),
-            );
-        }
+            cx.store
+                .append_async(
+                    OutMessage::reply(route, body),
+                    Box::new(move |stored| {
+                        link.finish(ticket, publish, stored.is_ok());
+                    }),
+                )
+                .await;
+        });
     }
 
-    /// Parses, routes and answers one request; returns where the reply goes and its body.
-    fn process(&self, job: &Job) -> (ReplyRoute, Vec<u8>) {
+    /// Parses and answers one request.
+    fn process(&self, job: &Job) -> Outcome {
         let (response_topic, correlation) = (
             job.publish.response_topic.as_deref(),
             job.publish.correlation.as_deref(),
@@ -352,9 +780,10 @@ impl Worker {
                     id: None,
                     error: &e.to_string(),
                     code: ErrorCode::BadRequest,
+                    reason: None,
                 }
                 .to_json();
-                return (route, body);
+                return Outcome::Reply(route, body);
             }
         };
         let reply_to = request
@@ -373,31 +802,62 @@ impl Worker {
                 self.answer(model, &request)
                     .map_err(|e| (ErrorCode::from(e.code()), e.to_string()))
             });
-        let body = match result {
-            Ok((mut response, source)) => {
-                let params = response.parameters.get_or_insert_with(Default::default);
-                params.insert("route".into(), json!(source.as_str()));
-                params.insert("device_id".into(), json!(self.cx.device_id));
-                params.insert("queue_ms".into(), json!(round3(queue_ms)));
-                params.insert(
-                    "latency_ms".into(),
-                    json!(round3(job.received.elapsed().as_secs_f64() * 1e3)),
-                );
-                if let Some(v) = &response.model_version {
-                    params.insert("model_version".into(), json!(v));
-                }
-                let body = serde_json::to_vec(&response).unwrap_or_default();
+        match result {
+            Ok((response, source)) => {
                 self.maybe_record(&job.publish.payload, &response, source);
-                body
+                let routing = &self.cx.routing;
+                if source == Source::Local {
+                    let top1 = top1(&response);
+                    let threshold = routing.policy.escalate_below(&job.model);
+                    let remaining_ms = job
+                        .deadline
+                        .saturating_duration_since(Instant::now())
+                        .as_secs_f64()
+                        * 1e3;
+                    if let Some(p) = top1
+                        && policy::should_escalate(
+                            p,
+                            threshold,
+                            remaining_ms,
+                            routing.relay(&job.model),
+                        )
+                    {
+                        return Outcome::Escalate {
+                            route,
+                            local: response,
+                            queue_ms,
+                        };
+                    }
+                }
+                let (name, reason) = match source {
+                    Source::Cache => ("cache", Reason::Cached),
+                    Source::Local => ("local", job.reason),
+                };
+                routing.metrics.routed(name, reason);
+                Outcome::Reply(
+                    route,
+                    finish_response(
+                        &routing.metrics,
+                        response,
+                        name,
+                        reason,
+                        &self.cx.device_id,
+                        job,
+                        Some(queue_ms),
+                    ),
+                )
             }
-            Err((code, error)) => ErrorReply {
-                id: request.id.as_deref(),
-                error: &error,
-                code,
-            }
-            .to_json(),
-        };
-        (route, body)
+            Err((code, error)) => Outcome::Reply(
+                route,
+                ErrorReply {
+                    id: request.id.as_deref(),
+                    error: &error,
+                    code,
+                    reason: None,
+                }
+                .to_json(),
+            ),
+        }
     }
 
     /// The response to a valid request: from the cache when allowed and held, else from the
@@ -442,7 +902,12 @@ impl Worker {
                 }
             }
         }
+        let started = Instant::now();
         let mut response = run_decoded(model, request, inputs, self.cx.top_k)?;
+        self.cx
+            .routing
+            .times
+            .record(model.name(), started.elapsed().as_secs_f64() * 1e3);
         if let (Some(key), Some(ttl)) = (key, ttl) {
             let mut stored = response.clone();
             stored.id = None;
@@ -471,14 +936,7 @@ impl Worker {
         let Ok(model) = self.cx.engine.model(&response.model_name) else {
             return;
         };
-        let confidence = response
-            .parameters
-            .as_ref()
-            .and_then(|p| p.get("classes"))
-            .and_then(|c| c.get(0))
-            .and_then(|row| row.get(0))
-            .and_then(|top| top.get("probability"))
-            .and_then(Value::as_f64);
+        let confidence = top1(response);
         self.cx.store.record(HistoryRecord {
             ts_ms: now_ms(),
             model: response.model_name.clone(),
@@ -490,6 +948,18 @@ impl Worker {
             confidence,
         });
     }
+}
+
+/// A classifier's top-1 probability (of the first row), from `parameters.classes`.
+fn top1(response: &InferenceResponse) -> Option<f64> {
+    response
+        .parameters
+        .as_ref()
+        .and_then(|p| p.get("classes"))
+        .and_then(|c| c.get(0))
+        .and_then(|row| row.get(0))
+        .and_then(|top| top.get("probability"))
+        .and_then(Value::as_f64)
 }
 
 fn round3(x: f64) -> f64 {

@@ -374,6 +374,18 @@ impl StoreHandle {
         }
     }
 
+    /// [`StoreHandle::append`] for async tasks: waits for room in the queue without blocking a
+    /// thread.
+    pub async fn append_async(&self, message: OutMessage, done: Done) {
+        if let Err(flume::SendError(Command::Append { done, .. })) = self
+            .commands_tx
+            .send_async(Command::Append { message, done })
+            .await
+        {
+            done(Err(StoreError::Stopped));
+        }
+    }
+
     /// [`StoreHandle::append`] without waiting: a full queue fails the append at once.
     pub fn try_append(&self, message: OutMessage, done: Done) {
         match self.commands_tx.try_send(Command::Append { message, done }) {
