@@ -76,6 +76,9 @@ pub struct RawPolicy {
     pub queue_limit: Option<usize>,
     /// How often the load is sampled.
     pub monitor_interval_ms: u64,
+    /// The share of a request's budget an estimate may fill and still count as meeting it;
+    /// the rest is room for the estimate's error and the reply's way back.
+    pub headroom: f64,
     /// Per model: `[policy.models.digits] budget_ms = 50, escalate_below = 0.6`.
     pub models: std::collections::BTreeMap<String, RawModelPolicy>,
 }
@@ -154,6 +157,7 @@ impl Default for RawPolicy {
             temperature_limit_c: 80.0,
             queue_limit: None,
             monitor_interval_ms: 1000,
+            headroom: 0.75,
             models: Default::default(),
         }
     }
@@ -323,6 +327,10 @@ pub struct RawInference {
     pub max_elements: usize,
     /// Classes listed in classifier replies.
     pub top_k: usize,
+    /// Development only: hold every local inference to at least this many milliseconds, so a
+    /// fast development machine behaves like a slow device (the demo and the offload tests use
+    /// it). 0, the default, in production.
+    pub emulated_service_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -384,6 +392,7 @@ impl Default for RawInference {
             queue: 64,
             max_elements: models::v2::DEFAULT_MAX_ELEMENTS,
             top_k: 3,
+            emulated_service_ms: 0.0,
         }
     }
 }
@@ -546,6 +555,7 @@ pub struct InferenceConfig {
     pub queue: usize,
     pub max_elements: usize,
     pub top_k: usize,
+    pub emulated_service: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -677,6 +687,9 @@ impl RawConfig {
                     queue: inference.queue,
                     max_elements: inference.max_elements,
                     top_k: inference.top_k,
+                    emulated_service: Duration::from_secs_f64(
+                        inference.emulated_service_ms.clamp(0.0, 60_000.0) / 1e3,
+                    ),
                 },
                 embedded_broker,
                 store,
@@ -697,6 +710,12 @@ impl RawConfig {
             errors.push(format!(
                 "policy.cpu_limit_percent is {}; use 0 to 100",
                 p.cpu_limit_percent
+            ));
+        }
+        if !(p.headroom > 0.0 && p.headroom <= 1.0) {
+            errors.push(format!(
+                "policy.headroom is {}; use a share above 0 and at most 1",
+                p.headroom
             ));
         }
         if p.monitor_interval_ms < 50 {
@@ -722,6 +741,7 @@ impl RawConfig {
                     temperature_c: p.temperature_limit_c,
                     queue: p.queue_limit.unwrap_or((queue / 2).max(1)),
                 },
+                headroom: p.headroom,
             },
             default_budget: Duration::from_millis(p.default_budget_ms),
             monitor_interval: Duration::from_millis(p.monitor_interval_ms),

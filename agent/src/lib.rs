@@ -15,6 +15,7 @@ pub mod protocol;
 pub mod serve;
 pub mod store;
 pub mod store_bench;
+pub mod stream;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -203,6 +204,12 @@ pub async fn run(
         runtime: tokio::runtime::Handle::current(),
         metrics: metrics.clone(),
     };
+    if !config.inference.emulated_service.is_zero() {
+        tracing::warn!(
+            ms = config.inference.emulated_service.as_secs_f64() * 1e3,
+            "Every local inference is held to this long (inference.emulated_service_ms), to behave like a slower device."
+        );
+    }
     let pipeline = serve::Pipeline::start(
         &config.inference,
         config.mqtt.max_payload_bytes,
@@ -215,6 +222,7 @@ pub async fn run(
             cache: config.store.cache.clone(),
             history: config.store.history.clone(),
             routing: routing.clone(),
+            emulated_service: config.inference.emulated_service,
         },
     )
     .map_err(AgentError::Workers)?;

@@ -36,6 +36,9 @@ pub struct Limits {
 pub struct Policy {
     pub mode: Mode,
     pub limits: Limits,
+    /// The share of a budget an estimate may use and still "meet" it: the rest is room for
+    /// the estimate's error and the way back to the requester.
+    pub headroom: f64,
 }
 
 /// What the agent knows when a request arrives.
@@ -166,8 +169,9 @@ pub fn decide(policy: &Policy, s: &Signals, budget_ms: f64) -> Decision {
         cloud_estimate_ms: cloud,
     };
     let queue_full = s.queue_depth >= s.queue_capacity;
-    let local_fits = local <= budget_ms && !queue_full;
-    let cloud_fits = cloud.is_some_and(|c| c <= budget_ms);
+    let usable = budget_ms * policy.headroom;
+    let local_fits = local <= usable && !queue_full;
+    let cloud_fits = cloud.is_some_and(|c| c <= usable);
 
     if policy.mode == Mode::LocalOnly || cloud.is_none() {
         let unavailable = policy.mode != Mode::LocalOnly;
@@ -369,6 +373,7 @@ mod tests {
             temperature_c: 80.0,
             queue: 32,
         },
+        headroom: 1.0,
     };
 
     fn signals() -> Signals {
@@ -662,6 +667,22 @@ mod tests {
             let d = decide(&with(*mode), &s, *budget);
             assert_eq!((d.route, d.reason), (*route, *reason), "{what}: {d:?}");
         }
+    }
+
+    #[test]
+    fn headroom_keeps_part_of_the_budget_free() {
+        let s = signals(); // local estimate 5 ms, cloud 10 ms
+        let tight = Policy {
+            headroom: 0.5,
+            ..POLICY
+        };
+        assert_eq!(decide(&tight, &s, 10.0).route, Route::Local);
+        assert_eq!(
+            decide(&tight, &s, 9.0).reason,
+            Reason::Faster,
+            "5 ms is over half of 9"
+        );
+        assert_eq!(decide(&POLICY, &s, 9.0).reason, Reason::WithinBudget);
     }
 
     #[test]

@@ -542,6 +542,8 @@ pub struct WorkerContext {
     pub cache: CacheConfig,
     pub history: HistoryConfig,
     pub routing: Routing,
+    /// See `inference.emulated_service_ms`.
+    pub emulated_service: Duration,
 }
 
 impl Pipeline {
@@ -738,8 +740,14 @@ impl Worker {
                 .infer(&job.model, job.publish.payload.clone(), remaining)
                 .await;
             let body = match result {
-                Ok(response) => {
+                Ok(mut response) => {
                     cx.routing.metrics.routed("cloud", Reason::Escalated);
+                    if let Some(p) = top1(&local) {
+                        response
+                            .parameters
+                            .get_or_insert_with(Default::default)
+                            .insert("escalated_from".into(), json!({"route": "local", "top1": p}));
+                    }
                     finish_response(&cx.routing.metrics, response, "cloud", Reason::Escalated, &cx.device_id, &job, Some(queue_ms))
                 }
                 Err(e) => {
@@ -904,6 +912,9 @@ impl Worker {
         }
         let started = Instant::now();
         let mut response = run_decoded(model, request, inputs, self.cx.top_k)?;
+        if let Some(rest) = self.cx.emulated_service.checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
         self.cx
             .routing
             .times

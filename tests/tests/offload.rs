@@ -1,0 +1,344 @@
+//! Agent + relay + broker, end to end: offloading under three times the local capacity, a relay
+//! killed and brought back mid-run, and confidence escalation.
+//!
+//! The agent runs digits with one worker whose every inference is held to 10 ms
+//! (`inference.emulated_service_ms`): on this development machine the model itself takes tens
+//! of microseconds, and the relay shares the same two cores, so without it local capacity
+//! would never be the bottleneck. The relay runs the real cloud model, in a runtime of its own
+//! that is shut down to kill it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../agent/tests/common/mod.rs"]
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use agent::stream::{self, Outcome, Phase, StreamConfig};
+use common::TestAgent;
+use serde_json::{Value, json};
+
+/// One worker at 10 ms an inference: about 100 requests a second.
+const SERVICE_MS: f64 = 10.0;
+const LOCAL_CAPACITY: f64 = 1000.0 / SERVICE_MS;
+const BUDGET_MS: f64 = 150.0;
+
+/// A relay in a runtime of its own; dropping or killing it closes every socket at once.
+struct Relay {
+    addr: SocketAddr,
+    stop_tx: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(addr: &str) -> Relay {
+        let mut raw = cloud_relay::config::RawConfig {
+            listen: addr.into(),
+            models_dir: Some(models::default_zoo_dir()),
+            workers: Some(1),
+            ..Default::default()
+        };
+        raw.shutdown_grace_ms = 0;
+        let config = raw.validate().unwrap();
+        let state = cloud_relay::State::build(config).unwrap();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let listen = addr.to_owned();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let listener = rt.block_on(tokio::net::TcpListener::bind(&listen)).unwrap();
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            rt.spawn(cloud_relay::serve(state, listener, std::future::pending()));
+            let _ = stop_rx.recv();
+            // Like a killed process: every task and socket goes at once.
+            rt.shutdown_background();
+        });
+        Relay {
+            addr: addr_rx.recv().unwrap(),
+            stop_tx: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn kill(&mut self) {
+        if let Some(tx) = self.stop_tx.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Digits requests from the test split, each different (so the cache plays no part).
+fn digits_payloads(n: usize) -> Vec<Vec<u8>> {
+    let manifest = models::Manifest::load(models::default_zoo_dir()).unwrap();
+    let split = manifest
+        .test_split(manifest.model("digits").unwrap())
+        .unwrap();
+    (0..n)
+        .map(|i| {
+            let sample = split.samples(i % split.len(), i % split.len() + 1);
+            serde_json::to_vec(&json!({
+                "id": format!("r{i}"),
+                "parameters": {"budget_ms": BUDGET_MS, "cache": false},
+                "inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": sample}],
+            }))
+            .unwrap()
+        })
+        .collect()
+}
+
+async fn agent_with(device: &str, relay_url: Option<String>) -> TestAgent {
+    TestAgent::start(device, move |raw| {
+        raw.inference.workers = Some(1);
+        raw.inference.queue = 256;
+        raw.inference.emulated_service_ms = SERVICE_MS;
+        raw.store.cache.enabled = false;
+        raw.policy.default_budget_ms = BUDGET_MS as u64;
+        if let Some(url) = relay_url {
+            let mut r = agent::config::RawRelay::new(url);
+            r.breaker_open_ms = 500;
+            raw.relay = Some(r);
+        }
+    })
+    .await
+}
+
+fn stream_config(agent: &TestAgent, device: &str, phases: Vec<Phase>) -> StreamConfig {
+    StreamConfig {
+        broker: agent.v5_addr(),
+        topic: format!("tether/{device}/infer/digits"),
+        payloads: digits_payloads(450),
+        phases,
+        linger: Duration::from_secs(3),
+    }
+}
+
+fn describe(outcomes: &[Outcome]) -> String {
+    let s = stream::summarize(outcomes, 1.0, BUDGET_MS);
+    format!(
+        "sent {} answered {} rejected {} lost {} p50 {:.1} ms p99 {:.1} ms routes {:?}",
+        s.sent, s.answered, s.rejected, s.lost, s.p50_ms, s.p99_ms, s.routes
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_three_times_local_capacity_offload_keeps_p99_within_budget() {
+    let relay = Relay::start("127.0.0.1:0");
+    let device = "offload-3x";
+    let agent = agent_with(device, Some(relay.url())).await;
+    let outcomes = stream::run(
+        stream_config(
+            &agent,
+            device,
+            vec![Phase {
+                rate_per_s: 3.0 * LOCAL_CAPACITY,
+                duration: Duration::from_secs(5),
+            }],
+        ),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let s = stream::summarize(&outcomes, 5.0, BUDGET_MS);
+    eprintln!("3x local capacity with the relay: {}", describe(&outcomes));
+    assert_eq!(s.lost, 0, "every request gets a reply");
+    assert_eq!(
+        s.rejected,
+        0,
+        "nothing is rejected: {}",
+        describe(&outcomes)
+    );
+    assert!(
+        s.p99_ms <= BUDGET_MS,
+        "p99 {:.1} ms over the budget",
+        s.p99_ms
+    );
+    let cloud = s.routes.get("cloud").copied().unwrap_or(0);
+    let local = s.routes.get("local").copied().unwrap_or(0);
+    assert!(local > 0 && cloud > 0, "both routes used: {:?}", s.routes);
+    assert!(
+        cloud as f64 > 0.4 * s.answered as f64,
+        "most of the excess goes to the relay: {:?}",
+        s.routes
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relay_opens_the_circuit_and_offload_resumes_when_it_returns() {
+    let mut relay = Relay::start("127.0.0.1:0");
+    let addr = relay.addr;
+    let device = "offload-kill";
+    let agent = agent_with(device, Some(relay.url())).await;
+    let rate = 3.0 * LOCAL_CAPACITY;
+    let phase = |s| Phase {
+        rate_per_s: rate,
+        duration: Duration::from_secs(s),
+    };
+    // 0-3 s relay up, 3-7 s relay dead, 7-11 s relay back (on the same address).
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::task::spawn_blocking(move || relay.kill())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        tokio::task::spawn_blocking(move || Relay::start(&addr.to_string()))
+            .await
+            .unwrap()
+    });
+    let outcomes = stream::run(
+        stream_config(&agent, device, vec![phase(3), phase(4), phase(4)]),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let _relay = killer.await.unwrap();
+    for (i, name) in ["relay up", "relay dead", "relay back"].iter().enumerate() {
+        let of_phase: Vec<Outcome> = outcomes.iter().filter(|o| o.phase == i).cloned().collect();
+        eprintln!("{name}: {}", describe(&of_phase));
+    }
+    // Every request either succeeds or is refused `overloaded`, and none waits past its budget
+    // (with the broker's round trip on top of the agent's own accounting).
+    for o in &outcomes {
+        let ms = o
+            .latency_ms
+            .unwrap_or_else(|| panic!("a request got no reply: {o:?}"));
+        if let Some(code) = &o.code {
+            assert_eq!(code, "overloaded", "{o:?}");
+        }
+        assert!(ms <= BUDGET_MS + 25.0, "waited {ms:.1} ms: {o:?}");
+    }
+    // While the relay is dead (after the circuit has had a moment to open) nothing goes there.
+    let dead: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.phase == 1 && o.sent_at >= Duration::from_secs(4))
+        .collect();
+    assert!(
+        dead.iter().all(|o| o.route != "cloud"),
+        "cloud answers from a dead relay"
+    );
+    assert!(
+        dead.iter().any(|o| o.route == "local"),
+        "local keeps serving"
+    );
+    // Back: offload resumes.
+    let back: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.phase == 2 && o.sent_at >= Duration::from_secs(8))
+        .collect();
+    let cloud_back = back.iter().filter(|o| o.route == "cloud").count();
+    assert!(
+        cloud_back as f64 > 0.3 * back.len() as f64,
+        "offload resumed: {cloud_back} of {}",
+        back.len()
+    );
+    agent.stop().await;
+}
+
+/// A digits image between two classes: the average of the first test samples of two digits.
+fn ambiguous_digit() -> Vec<f32> {
+    let manifest = models::Manifest::load(models::default_zoo_dir()).unwrap();
+    let split = manifest
+        .test_split(manifest.model("digits").unwrap())
+        .unwrap();
+    let first = |label: u8| {
+        let i = split.labels.iter().position(|l| *l == label).unwrap();
+        split.samples(i, i + 1).to_vec()
+    };
+    let (a, b) = (first(3), first(8));
+    a.iter().zip(&b).map(|(x, y)| (x + y) / 2.0).collect()
+}
+
+fn request(data: &[f32]) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": data}],
+        "parameters": {"cache": false},
+    }))
+    .unwrap()
+}
+
+async fn ask(agent: &TestAgent, device: &str, body: &[u8]) -> Value {
+    let mut req =
+        common::Requester::connect(agent.v5_addr(), &format!("esc-{}", fastrand::u32(..))).await;
+    req.send(&format!("tether/{device}/infer/digits"), body, b"c")
+        .await;
+    req.next(Duration::from_secs(20)).await.body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_confidence_answer_is_escalated_to_the_cloud_model() {
+    let relay = Relay::start("127.0.0.1:0");
+    let device = "escalate";
+    let threshold = 0.9;
+    let agent = TestAgent::start(device, |raw| {
+        let r = agent::config::RawRelay::new(relay.url());
+        raw.relay = Some(r);
+        raw.policy.models.insert(
+            "digits".into(),
+            agent::config::RawModelPolicy {
+                budget_ms: Some(2000),
+                escalate_below: Some(threshold),
+            },
+        );
+    })
+    .await;
+    let unsure = ask(&agent, device, &request(&ambiguous_digit())).await;
+    assert_eq!(unsure["parameters"]["route"], "cloud", "{unsure}");
+    assert_eq!(unsure["parameters"]["reason"], "escalated", "{unsure}");
+    let local_top1 = unsure["parameters"]["escalated_from"]["top1"]
+        .as_f64()
+        .unwrap();
+    assert!(local_top1 < threshold, "{unsure}");
+    assert_eq!(unsure["model_name"], "digits");
+
+    // A clear digit stays local.
+    let manifest = models::Manifest::load(models::default_zoo_dir()).unwrap();
+    let split = manifest
+        .test_split(manifest.model("digits").unwrap())
+        .unwrap();
+    let clear = ask(&agent, device, &request(split.samples(0, 1))).await;
+    assert_eq!(clear["parameters"]["route"], "local", "{clear}");
+    agent.stop().await;
+    drop(relay);
+
+    // With the relay gone the escalation fails and the local answer stands, marked so.
+    let dead = Relay::start("127.0.0.1:0");
+    let url = dead.url();
+    drop(dead);
+    let agent = TestAgent::start("escalate-dead", |raw| {
+        raw.relay = Some(agent::config::RawRelay::new(url));
+        raw.policy.models.insert(
+            "digits".into(),
+            agent::config::RawModelPolicy {
+                budget_ms: Some(2000),
+                escalate_below: Some(threshold),
+            },
+        );
+    })
+    .await;
+    let reply = ask(&agent, "escalate-dead", &request(&ambiguous_digit())).await;
+    assert_eq!(reply["parameters"]["route"], "local", "{reply}");
+    assert_eq!(
+        reply["parameters"]["reason"], "escalation_failed",
+        "{reply}"
+    );
+    assert!(reply["parameters"]["classes"].is_array(), "{reply}");
+    agent.stop().await;
+}
