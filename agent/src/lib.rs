@@ -5,6 +5,8 @@ pub mod bench;
 pub mod broker;
 pub mod cloud;
 pub mod config;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod infer;
 pub mod loadgen;
 pub mod metrics;

@@ -129,6 +129,23 @@ enum Command {
         #[arg(long, default_value = "normal")]
         synchronous: String,
     },
+    /// Start a broker, a relay and an agent here, and drive them with a request stream that
+    /// rises to three times the agent's local capacity: a live view, then a summary.
+    #[cfg(feature = "demo")]
+    Demo {
+        /// End after this many seconds with a summary table (default: run until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Routing policy: local-first, local-only or cloud-first.
+        #[arg(long, default_value = "local-first")]
+        policy: String,
+        /// How long each local inference is held, standing in for a small device.
+        #[arg(long, default_value_t = 10.0)]
+        service_ms: f64,
+        /// The requests' latency budget.
+        #[arg(long, default_value_t = 150.0)]
+        budget_ms: f64,
+    },
     /// List the models of the zoo, one line per variant file.
     Models {
         /// Also build every model with tract, to prove it loads.
@@ -246,6 +263,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 policy,
             },
         ),
+        #[cfg(feature = "demo")]
+        Command::Demo {
+            seconds,
+            policy,
+            service_ms,
+            budget_ms,
+        } => demo(models, seconds, &policy, service_ms, budget_ms),
         Command::Cache { action, db } => cache_command(action, &db),
         Command::Outbox { action, db } => outbox_command(action, &db),
         Command::BenchStore {
@@ -307,6 +331,60 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+fn parse_mode(p: &str) -> anyhow::Result<agent::policy::Mode> {
+    Ok(match p {
+        "local-first" => agent::policy::Mode::LocalFirst,
+        "local-only" => agent::policy::Mode::LocalOnly,
+        "cloud-first" => agent::policy::Mode::CloudFirst,
+        other => bail!("--policy is `{other}`; use local-first, local-only or cloud-first"),
+    })
+}
+
+#[cfg(feature = "demo")]
+fn demo(
+    models: Option<PathBuf>,
+    seconds: Option<f64>,
+    policy: &str,
+    service_ms: f64,
+    budget_ms: f64,
+) -> anyhow::Result<()> {
+    if let Some(s) = seconds
+        && !(s.is_finite() && s >= 4.0)
+    {
+        bail!("--seconds must be at least 4 (one second per load step), not {s}");
+    }
+    if !(service_ms.is_finite() && service_ms >= 1.0 && budget_ms.is_finite() && budget_ms > 0.0) {
+        bail!("--service-ms must be at least 1 and --budget-ms positive");
+    }
+    let cfg = agent::demo::DemoConfig {
+        seconds,
+        mode: parse_mode(policy)?,
+        service_ms,
+        budget_ms,
+        models_dir: agent::models_dir(models),
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let table = runtime.block_on(async {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        agent::demo::run(cfg, stop).await
+    })?;
+    println!(
+        "\nSummary (per load step; shares of requests sent; \"in budget\" = answered within {budget_ms:.0} ms):\n{table}"
+    );
+    Ok(())
+}
+
 /// `run`'s flags, which override agent.toml.
 struct RunFlags {
     broker: Option<String>,
@@ -353,12 +431,7 @@ fn run_agent(
         raw.metrics.listen = metrics;
     }
     if let Some(p) = policy {
-        raw.policy.mode = match p.as_str() {
-            "local-first" => agent::policy::Mode::LocalFirst,
-            "local-only" => agent::policy::Mode::LocalOnly,
-            "cloud-first" => agent::policy::Mode::CloudFirst,
-            other => bail!("--policy is `{other}`; use local-first, local-only or cloud-first"),
-        };
+        raw.policy.mode = parse_mode(&p)?;
     }
     if models.is_some() {
         raw.models_dir = models;

@@ -32,6 +32,8 @@ pub struct StreamConfig {
     pub phases: Vec<Phase>,
     /// How long to wait for the last replies after the last request.
     pub linger: Duration,
+    /// Set to end the stream early.
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// One request's fate.
@@ -176,7 +178,15 @@ pub async fn run(
     for (phase, p) in cfg.phases.iter().enumerate() {
         let phase_start = Instant::now();
         let mut sent_in_phase = 0u64;
-        while phase_start.elapsed() < p.duration {
+        let stopped = || {
+            cfg.stop
+                .as_ref()
+                .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        if stopped() {
+            break;
+        }
+        while phase_start.elapsed() < p.duration && !stopped() {
             // Send what the schedule owes by now, then sleep a millisecond.
             let due = (phase_start.elapsed().as_secs_f64() * p.rate_per_s) as u64;
             while sent_in_phase < due {

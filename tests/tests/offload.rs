@@ -127,6 +127,7 @@ fn stream_config(agent: &TestAgent, device: &str, phases: Vec<Phase>) -> StreamC
         payloads: digits_payloads(450),
         phases,
         linger: Duration::from_secs(3),
+        stop: None,
     }
 }
 
