@@ -101,6 +101,27 @@ pub struct Job {
     budget: Duration,
     /// Why it is here (the policy's reason, or `offload_failed`).
     reason: Reason,
+    /// The request as the front stage parsed it.
+    prepared: Prepared,
+}
+
+/// A request parsed, validated and looked up in the cache by the front stage.
+#[derive(Debug)]
+struct Prepared {
+    request: InferenceRequest,
+    inputs: Vec<models::Tensor>,
+    /// The cache key and how long a result stays, when the result is to be cached.
+    cache: Option<(cache::CacheKey, Duration)>,
+}
+
+/// A request on its way to the front stage.
+#[derive(Debug)]
+struct Arrival {
+    publish: Incoming,
+    ticket: u64,
+    model: String,
+    received: Instant,
+    intake: Intake,
 }
 
 /// Recent local service times per model, for the policy's estimates.
@@ -175,6 +196,16 @@ pub struct Intake {
     queue_capacity: usize,
     workers: usize,
     device_id: String,
+    front_tx: flume::Sender<Arrival>,
+    front: Arc<FrontContext>,
+}
+
+/// What the front stage needs to parse requests and answer from the cache.
+#[derive(Debug)]
+struct FrontContext {
+    engine: Engine,
+    cache: CacheConfig,
+    top_k: usize,
 }
 
 impl Intake {
@@ -197,22 +228,126 @@ impl Intake {
             );
             return self.refuse(ticket, publish, &model, ErrorCode::BadRequest, &error);
         }
-        let probe = Probe::read(&publish.payload);
-        let received = Instant::now();
-        let budget = match (probe.budget_ms, publish.expiry_secs) {
+        if self
+            .jobs_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+        {
+            // Shutting down: not acknowledged, so the broker delivers it again later.
+            return self.link.finish(ticket, publish, false);
+        }
+        let arrival = Arrival {
+            publish,
+            ticket,
+            model,
+            received: Instant::now(),
+            intake: self.clone(),
+        };
+        if let Err(flume::TrySendError::Full(a) | flume::TrySendError::Disconnected(a)) =
+            self.front_tx.try_send(arrival)
+        {
+            let error = "the agent cannot take more requests now (its front queue is full); retry later or send to another device";
+            self.routing.metrics.routed("reject", Reason::QueueFull);
+            self.refuse_inner(
+                a.ticket,
+                a.publish,
+                &a.model,
+                ErrorCode::Overloaded,
+                error,
+                Some(Reason::QueueFull),
+            );
+        }
+    }
+
+    /// The front stage's work on one request (on the front thread): parse and validate it,
+    /// answer it from the cache, or route it.
+    fn admit(&self, a: Arrival) {
+        let Arrival {
+            publish,
+            ticket,
+            model,
+            received,
+            ..
+        } = a;
+        let prepared = match self.prepare(&publish.payload, &model) {
+            Ok(p) => p,
+            Err((code, error, id)) => {
+                let route = early_route(&self.topics, &publish, &model);
+                let body = ErrorReply {
+                    id: id.as_deref(),
+                    error: &error,
+                    code,
+                    reason: None,
+                }
+                .to_json();
+                return self.reply_blocking(ticket, publish, route, body);
+            }
+        };
+        let params = prepared.request.parameters.as_ref();
+        let reply_to = params
+            .and_then(|p| p.get("reply_to"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let budget_param = params
+            .and_then(|p| p.get("budget_ms"))
+            .and_then(Value::as_f64);
+        let budget = match (budget_param, publish.expiry_secs) {
             (Some(ms), _) if ms.is_finite() && ms > 0.0 => Duration::from_secs_f64(ms / 1e3),
             (_, Some(secs)) if secs > 0 => Duration::from_secs(u64::from(secs)),
             _ => self.routing.policy.budget_for(&model),
         };
-        let guard = self.jobs_tx.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(jobs_tx) = guard.as_ref().cloned() else {
-            drop(guard);
-            // Shutting down: not acknowledged, so the broker delivers it again later.
-            return self.link.finish(ticket, publish, false);
+        let route = reply_route(
+            publish.response_topic.as_deref(),
+            publish.correlation.as_deref(),
+            reply_to.as_deref(),
+            self.topics.default_reply(&model),
+        );
+        let job = Job {
+            publish,
+            ticket,
+            link: self.link.clone(),
+            model,
+            received,
+            deadline: received + budget,
+            budget,
+            reason: Reason::Cached,
+            prepared,
         };
-        drop(guard);
+        // The cache first: a hit never waits behind the model.
+        if let Some((key, _)) = &job.prepared.cache
+            && let Some(value) = self.store.cache_get(key, now_ms())
+        {
+            match serde_json::from_slice::<InferenceResponse>(&value) {
+                Ok(mut response) => {
+                    response.id = job.prepared.request.id.clone();
+                    self.routing.metrics.routed("cache", Reason::Cached);
+                    let body = finish_response(
+                        &self.routing.metrics,
+                        response,
+                        "cache",
+                        Reason::Cached,
+                        &self.device_id,
+                        &job,
+                        None,
+                    );
+                    return self.reply_blocking(job.ticket, job.publish, route, body);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, model = %job.model, "A cached result does not parse; running the model.");
+                }
+            }
+        }
+        let Some(jobs_tx) = self
+            .jobs_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return self.link.finish(job.ticket, job.publish, false);
+        };
         let load = *self.routing.load_rx.borrow();
-        let (p50, p95) = self.routing.times.percentiles(&model);
+        let (p50, p95) = self.routing.times.percentiles(&job.model);
         let signals = Signals {
             local_p50_ms: p50,
             local_p95_ms: p95,
@@ -222,35 +357,102 @@ impl Intake {
             cpu_percent: load.cpu_percent,
             temperature_c: load.temperature_c,
             throttled: load.throttled,
-            relay: self.routing.relay(&model),
+            relay: self.routing.relay(&job.model),
         };
-        let budget_ms = budget.as_secs_f64() * 1e3;
-        let decision = policy::decide(&self.routing.policy.policy, &signals, budget_ms);
+        let left_ms = job
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64()
+            * 1e3;
+        let decision = policy::decide(&self.routing.policy.policy, &signals, left_ms);
         let job = Job {
-            publish,
-            ticket,
-            link: self.link.clone(),
-            model,
-            received,
-            deadline: received + budget,
-            budget,
             reason: decision.reason,
+            ..job
         };
         match decision.route {
             Route::Reject => {
                 let error = match decision.reason {
                     Reason::QueueFull => "the agent's inference queue is full and the relay cannot take the request; retry later or send to another device".to_owned(),
                     _ => format!(
-                        "answering locally would take about {:.0} ms, over the request's budget of {budget_ms:.0} ms, and the relay cannot take it; retry later, raise budget_ms, or send to another device",
-                        decision.local_estimate_ms
+                        "answering locally would take about {:.0} ms, over the request's budget of {} ms, and the relay cannot take it; retry later, raise budget_ms, or send to another device",
+                        decision.local_estimate_ms,
+                        job.budget.as_millis()
                     ),
                 };
                 self.routing.metrics.routed("reject", decision.reason);
-                self.refuse_with(job, ErrorCode::Overloaded, &error, Some(decision.reason));
+                let body = ErrorReply {
+                    id: job.prepared.request.id.as_deref(),
+                    error: &error,
+                    code: ErrorCode::Overloaded,
+                    reason: Some(decision.reason.as_str()),
+                }
+                .to_json();
+                self.reply_blocking(job.ticket, job.publish, route, body);
             }
-            Route::Cloud => self.offload(job, probe.reply_to),
+            Route::Cloud => self.offload(job, route),
             Route::Local => self.enqueue(&jobs_tx, job),
         }
+    }
+
+    /// Parses, validates and keys a request. Errors carry the code, a sentence and the id.
+    #[allow(clippy::type_complexity)]
+    fn prepare(
+        &self,
+        payload: &[u8],
+        model_name: &str,
+    ) -> Result<Prepared, (ErrorCode, String, Option<String>)> {
+        let request = InferenceRequest::from_json(payload)
+            .map_err(|e| (ErrorCode::BadRequest, e.to_string(), None))?;
+        let fail =
+            |e: models::ModelError| (ErrorCode::from(e.code()), e.to_string(), request.id.clone());
+        let model = self.front.engine.model(model_name).map_err(fail)?;
+        let inputs = request.decode_inputs(model.max_elements()).map_err(fail)?;
+        let bypass = request
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("cache"))
+            .and_then(Value::as_bool)
+            == Some(false);
+        let cache = self
+            .front
+            .cache
+            .ttl_for(model.name())
+            .filter(|_| !bypass)
+            .map(|ttl| {
+                let outputs: Option<Vec<String>> = request
+                    .outputs
+                    .as_ref()
+                    .map(|o| o.iter().map(|o| o.name.clone()).collect());
+                let key = cache::key(
+                    model.name(),
+                    model.sha256(),
+                    &inputs,
+                    outputs.as_deref(),
+                    request.parameters.as_ref(),
+                    self.front.top_k,
+                );
+                (key, ttl)
+            });
+        Ok(Prepared {
+            request,
+            inputs,
+            cache,
+        })
+    }
+
+    /// Writes a reply to the outbox from a thread (waiting for room in the store's queue); the
+    /// request is acknowledged once it is committed.
+    fn reply_blocking(&self, ticket: u64, publish: Incoming, route: ReplyRoute, body: Vec<u8>) {
+        let link = self.link.clone();
+        self.store.append(
+            OutMessage::reply(route, body),
+            Box::new(move |stored| {
+                if let Err(e) = &stored {
+                    tracing::warn!(error = %e, "Could not store a reply; the request will be delivered again.");
+                }
+                link.finish(ticket, publish, stored.is_ok());
+            }),
+        );
     }
 
     fn enqueue(&self, jobs_tx: &flume::Sender<Job>, job: Job) {
@@ -270,7 +472,7 @@ impl Intake {
 
     /// Sends a request to the relay on a task of its own; on failure it runs locally while
     /// its budget allows.
-    fn offload(&self, job: Job, reply_to: Option<String>) {
+    fn offload(&self, job: Job, route: ReplyRoute) {
         let Some(cloud) = self.routing.cloud.clone() else {
             let jobs_tx = self
                 .jobs_tx
@@ -284,12 +486,6 @@ impl Intake {
         };
         let intake = self.clone();
         self.routing.runtime.spawn(async move {
-            let route = reply_route(
-                job.publish.response_topic.as_deref(),
-                job.publish.correlation.as_deref(),
-                reply_to.as_deref(),
-                intake.topics.default_reply(&job.model),
-            );
             let remaining = job.deadline.saturating_duration_since(Instant::now());
             let result = cloud
                 .infer(&job.model, job.publish.payload.clone(), remaining)
@@ -446,7 +642,6 @@ impl Intake {
 #[derive(Debug, Default, serde::Deserialize)]
 struct Probe {
     reply_to: Option<String>,
-    budget_ms: Option<f64>,
 }
 
 impl Probe {
@@ -511,6 +706,9 @@ pub struct Pipeline {
     routing: Routing,
     queue_capacity: usize,
     device_id: String,
+    front_tx: flume::Sender<Arrival>,
+    front: Arc<FrontContext>,
+    model_workers: usize,
 }
 
 /// The queue's depth, readable from anywhere.
@@ -554,7 +752,38 @@ impl Pipeline {
         context: WorkerContext,
     ) -> std::io::Result<Pipeline> {
         let (jobs_tx, jobs_rx) = flume::bounded::<Job>(cfg.queue);
-        let mut workers = Vec::with_capacity(cfg.workers);
+        let (front_tx, front_rx) = flume::bounded::<Arrival>(cfg.queue.max(64));
+        let jobs_tx: JobsTx = Arc::new(Mutex::new(Some(jobs_tx)));
+        let shutdown = jobs_tx.clone();
+        let mut workers = Vec::with_capacity(cfg.workers + 1);
+        let front = Arc::new(FrontContext {
+            engine: context.engine.clone(),
+            cache: context.cache.clone(),
+            top_k: context.top_k,
+        });
+        // The front stage: parsing, the cache and routing, on a thread of its own so that
+        // neither the MQTT driver nor a queue of model runs stands in their way.
+        workers.push(
+            std::thread::Builder::new()
+                .name("front".into())
+                .spawn(move || {
+                    loop {
+                        match front_rx.recv_timeout(Duration::from_millis(50)) {
+                            Ok(arrival) => {
+                                let intake = arrival.intake.clone();
+                                intake.admit(arrival);
+                            }
+                            // Once shutdown has begun and the queue is empty, stop.
+                            Err(flume::RecvTimeoutError::Timeout) => {
+                                if shutdown.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+                                    return;
+                                }
+                            }
+                            Err(flume::RecvTimeoutError::Disconnected) => return,
+                        }
+                    }
+                })?,
+        );
         let topics = context.topics.clone();
         let store = context.store.clone();
         let routing = context.routing.clone();
@@ -573,12 +802,15 @@ impl Pipeline {
         Ok(Pipeline {
             topics,
             max_payload_bytes,
-            jobs_tx: Arc::new(Mutex::new(Some(jobs_tx))),
+            jobs_tx,
             workers,
             store,
             routing,
             queue_capacity: cfg.queue,
             device_id,
+            front_tx,
+            front,
+            model_workers: cfg.workers,
         })
     }
 
@@ -597,8 +829,10 @@ impl Pipeline {
             store: self.store.clone(),
             routing: self.routing.clone(),
             queue_capacity: self.queue_capacity,
-            workers: self.workers.len(),
+            workers: self.model_workers,
             device_id: self.device_id.clone(),
+            front_tx: self.front_tx.clone(),
+            front: self.front.clone(),
         }
     }
 
@@ -628,22 +862,6 @@ struct Worker {
     cx: WorkerContext,
 }
 
-/// Where an answer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
-    Cache,
-    Local,
-}
-
-impl Source {
-    fn as_str(self) -> &'static str {
-        match self {
-            Source::Cache => "cache",
-            Source::Local => "local",
-        }
-    }
-}
-
 /// What a worker does with a request it has answered.
 enum Outcome {
     Reply(ReplyRoute, Vec<u8>),
@@ -664,7 +882,20 @@ impl Worker {
             }
             let routing = &self.cx.routing;
             routing.in_service.fetch_add(1, Ordering::Relaxed);
-            let outcome = self.process(&job);
+            let reply_to = job
+                .prepared
+                .request
+                .parameters
+                .as_ref()
+                .and_then(|p| p.get("reply_to"))
+                .and_then(Value::as_str);
+            let route = reply_route(
+                job.publish.response_topic.as_deref(),
+                job.publish.correlation.as_deref(),
+                reply_to,
+                self.cx.topics.default_reply(&job.model),
+            );
+            let outcome = self.process(&job, route);
             routing.in_service.fetch_sub(1, Ordering::Relaxed);
             match outcome {
                 Outcome::Reply(route, body) => self.reply(job, route, body),
@@ -773,82 +1004,48 @@ impl Worker {
         });
     }
 
-    /// Parses and answers one request.
-    fn process(&self, job: &Job) -> Outcome {
-        let (response_topic, correlation) = (
-            job.publish.response_topic.as_deref(),
-            job.publish.correlation.as_deref(),
-        );
-        let default = self.cx.topics.default_reply(&job.model);
-        let request = match InferenceRequest::from_json(&job.publish.payload) {
-            Ok(r) => r,
-            Err(e) => {
-                let route = reply_route(response_topic, correlation, None, default);
-                let body = ErrorReply {
-                    id: None,
-                    error: &e.to_string(),
-                    code: ErrorCode::BadRequest,
-                    reason: None,
-                }
-                .to_json();
-                return Outcome::Reply(route, body);
-            }
-        };
-        let reply_to = request
-            .parameters
-            .as_ref()
-            .and_then(|p| p.get("reply_to"))
-            .and_then(Value::as_str);
-        let route = reply_route(response_topic, correlation, reply_to, default);
+    /// Runs one prepared request through its model.
+    fn process(&self, job: &Job, route: ReplyRoute) -> Outcome {
         let queue_ms = job.received.elapsed().as_secs_f64() * 1e3;
         let result = self
             .cx
             .engine
             .model(&job.model)
-            .map_err(|e| (ErrorCode::from(e.code()), e.to_string()))
-            .and_then(|model| {
-                self.answer(model, &request)
-                    .map_err(|e| (ErrorCode::from(e.code()), e.to_string()))
-            });
+            .and_then(|model| self.answer(model, &job.prepared))
+            .map_err(|e| (ErrorCode::from(e.code()), e.to_string()));
         match result {
-            Ok((response, source)) => {
-                self.maybe_record(&job.publish.payload, &response, source);
+            Ok(response) => {
+                self.maybe_record(&job.publish.payload, &response, "local");
                 let routing = &self.cx.routing;
-                if source == Source::Local {
-                    let top1 = top1(&response);
-                    let threshold = routing.policy.escalate_below(&job.model);
-                    let remaining_ms = job
-                        .deadline
-                        .saturating_duration_since(Instant::now())
-                        .as_secs_f64()
-                        * 1e3;
-                    if let Some(p) = top1
-                        && policy::should_escalate(
-                            p,
-                            threshold,
-                            remaining_ms,
-                            routing.relay(&job.model),
-                        )
-                    {
-                        return Outcome::Escalate {
-                            route,
-                            local: response,
-                            queue_ms,
-                        };
-                    }
+                let top1 = top1(&response);
+                let threshold = routing.policy.escalate_below(&job.model);
+                let remaining_ms = job
+                    .deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64()
+                    * 1e3;
+                if let Some(p) = top1
+                    && policy::should_escalate(
+                        p,
+                        threshold,
+                        remaining_ms,
+                        routing.relay(&job.model),
+                    )
+                {
+                    return Outcome::Escalate {
+                        route,
+                        local: response,
+                        queue_ms,
+                    };
                 }
-                let (name, reason) = match source {
-                    Source::Cache => ("cache", Reason::Cached),
-                    Source::Local => ("local", job.reason),
-                };
-                routing.metrics.routed(name, reason);
+                routing.metrics.routed("local", job.reason);
                 Outcome::Reply(
                     route,
                     finish_response(
                         &routing.metrics,
                         response,
-                        name,
-                        reason,
+                        "local",
+                        job.reason,
                         &self.cx.device_id,
                         job,
                         Some(queue_ms),
@@ -858,7 +1055,7 @@ impl Worker {
             Err((code, error)) => Outcome::Reply(
                 route,
                 ErrorReply {
-                    id: request.id.as_deref(),
+                    id: job.prepared.request.id.as_deref(),
                     error: &error,
                     code,
                     reason: None,
@@ -868,50 +1065,19 @@ impl Worker {
         }
     }
 
-    /// The response to a valid request: from the cache when allowed and held, else from the
-    /// model (and then cached).
+    /// Runs the model on a prepared request, and caches the result.
     fn answer(
         &self,
         model: &LoadedModel,
-        request: &InferenceRequest,
-    ) -> Result<(InferenceResponse, Source), models::ModelError> {
-        let inputs = request.decode_inputs(model.max_elements())?;
-        let bypass = request
-            .parameters
-            .as_ref()
-            .and_then(|p| p.get("cache"))
-            .and_then(Value::as_bool)
-            == Some(false);
-        let ttl = self.cx.cache.ttl_for(model.name()).filter(|_| !bypass);
-        let key = ttl.map(|_| {
-            let outputs: Option<Vec<String>> = request
-                .outputs
-                .as_ref()
-                .map(|o| o.iter().map(|o| o.name.clone()).collect());
-            cache::key(
-                model.name(),
-                model.sha256(),
-                &inputs,
-                outputs.as_deref(),
-                request.parameters.as_ref(),
-                self.cx.top_k,
-            )
-        });
-        if let Some(key) = &key
-            && let Some(value) = self.cx.store.cache_get(key, now_ms())
-        {
-            match serde_json::from_slice::<InferenceResponse>(&value) {
-                Ok(mut response) => {
-                    response.id = request.id.clone();
-                    return Ok((response, Source::Cache));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, model = %model.name(), "A cached result does not parse; running the model.");
-                }
-            }
-        }
+        prepared: &Prepared,
+    ) -> Result<InferenceResponse, models::ModelError> {
         let started = Instant::now();
-        let mut response = run_decoded(model, request, inputs, self.cx.top_k)?;
+        let mut response = run_decoded(
+            model,
+            &prepared.request,
+            prepared.inputs.clone(),
+            self.cx.top_k,
+        )?;
         if let Some(rest) = self.cx.emulated_service.checked_sub(started.elapsed()) {
             std::thread::sleep(rest);
         }
@@ -919,7 +1085,7 @@ impl Worker {
             .routing
             .times
             .record(model.name(), started.elapsed().as_secs_f64() * 1e3);
-        if let (Some(key), Some(ttl)) = (key, ttl) {
+        if let Some((key, ttl)) = prepared.cache {
             let mut stored = response.clone();
             stored.id = None;
             if let Some(p) = stored.parameters.as_mut() {
@@ -935,11 +1101,11 @@ impl Worker {
                 p.insert("inference_ms".into(), ms);
             }
         }
-        Ok((response, Source::Local))
+        Ok(response)
     }
 
     /// Records the request in the history, if it is sampled.
-    fn maybe_record(&self, payload: &[u8], response: &InferenceResponse, source: Source) {
+    fn maybe_record(&self, payload: &[u8], response: &InferenceResponse, route: &str) {
         let h = &self.cx.history;
         if h.sample <= 0.0 || fastrand::f64() >= h.sample {
             return;
@@ -955,7 +1121,7 @@ impl Worker {
             input_sha256: Sha256::digest(payload).into(),
             input: (h.inputs == HistoryInputs::Store).then(|| payload.to_vec()),
             output: serde_json::to_vec(&response.outputs).unwrap_or_default(),
-            route: source.as_str().to_owned(),
+            route: route.to_owned(),
             confidence,
         });
     }

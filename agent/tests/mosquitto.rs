@@ -529,6 +529,8 @@ async fn outbox_rides_out(fault: Fault) {
         raw.mqtt.broker = url;
         raw.inference.workers = Some(1);
         raw.inference.queue = 1000;
+        // A backlog test, not a budget test: every request may wait its turn.
+        raw.policy.default_budget_ms = 600_000;
     })
     .await;
     let mut req = Requester::connect_persistent(broker_addr, &device).await;
@@ -639,7 +641,7 @@ async fn an_agent_killed_at_random_points_loses_no_acknowledged_reply() {
     // each commit waits for the disk.
     std::fs::write(
         &config,
-        "[inference]\nqueue = 10000\n[store]\nsynchronous = \"full\"\nmax_batch = 1\n[store.history]\nsample = 1.0\ninputs = \"store\"\n",
+        "[inference]\nqueue = 10000\n[policy]\ndefault_budget_ms = 600000\n[store]\nsynchronous = \"full\"\nmax_batch = 1\n[store.history]\nsample = 1.0\ninputs = \"store\"\n",
     )
     .unwrap();
     let spawn = |round: usize| {
