@@ -227,3 +227,47 @@ fn rusqlite_check(db: &std::path::Path) -> String {
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 }
+
+/// `GET /metrics` over a plain TCP connection; returns the body.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_routes_cache_hits_and_the_outbox() {
+    let agent = TestAgent::start("metrics-dev", |raw| {
+        raw.metrics.listen = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let addr = agent.running.metrics_addr.expect("metrics are served");
+    let mut req = Requester::connect(agent.v5_addr(), "metrics").await;
+    for i in 0..3u8 {
+        req.send("tether/metrics-dev/infer/digits", &golden("digits"), &[i])
+            .await;
+        req.next(WITHIN).await;
+    }
+    let text = scrape(addr).await;
+    for line in [
+        r#"tether_agent_requests_total{route="local",reason="within_budget"} 1"#,
+        r#"tether_agent_requests_total{route="cache",reason="cached"} 2"#,
+        "tether_agent_cache_hits 2",
+        "tether_agent_relay_circuit -1",
+        "tether_agent_queue_depth 0",
+    ] {
+        assert!(text.contains(line), "`{line}` missing from:\n{text}");
+    }
+    assert!(
+        text.contains("tether_agent_latency_seconds_bucket{"),
+        "{text}"
+    );
+    assert!(text.contains("tether_agent_outbox_rows "), "{text}");
+    agent.stop().await;
+}
