@@ -7,6 +7,7 @@ pub mod cloud;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod escalation;
 pub mod infer;
 pub mod loadgen;
 pub mod metrics;

@@ -146,6 +146,13 @@ enum Command {
         #[arg(long, default_value_t = 150.0)]
         budget_ms: f64,
     },
+    /// Accuracy of the classifiers on their test splits: device model only, device model with
+    /// low-confidence answers escalated to the cloud model, cloud model only.
+    BenchEscalation {
+        /// Top-1 probability under which an answer is escalated, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9")]
+        threshold: Vec<f64>,
+    },
     /// List the models of the zoo, one line per variant file.
     Models {
         /// Also build every model with tract, to prove it loads.
@@ -270,6 +277,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             service_ms,
             budget_ms,
         } => demo(models, seconds, &policy, service_ms, budget_ms),
+        Command::BenchEscalation { threshold } => {
+            let reports = agent::escalation::run(
+                &agent::models_dir(models),
+                &["digits", "vibration"],
+                &threshold,
+            )?;
+            print!("{}", agent::escalation::format_table(&reports));
+            Ok(())
+        }
         Command::Cache { action, db } => cache_command(action, &db),
         Command::Outbox { action, db } => outbox_command(action, &db),
         Command::BenchStore {
