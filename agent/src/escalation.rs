@@ -29,12 +29,11 @@ fn argmax(row: &[f32]) -> usize {
         .map_or(0, |(i, _)| i)
 }
 
+/// Top-1 class and probability per sample, and the true labels.
+type Predictions = (Vec<(usize, f32)>, Vec<u8>);
+
 /// Top-1 index and probability of every sample of a model's test split under `variant`.
-fn predictions(
-    dir: &Path,
-    model: &str,
-    variant: Variant,
-) -> Result<(Vec<(usize, f32)>, Vec<u8>), ModelError> {
+fn predictions(dir: &Path, model: &str, variant: Variant) -> Result<Predictions, ModelError> {
     let engine = EngineConfig {
         variant,
         only: vec![model.to_owned()],
