@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod broker;
+pub mod client;
 pub mod cloud;
 pub mod config;
 #[cfg(feature = "demo")]

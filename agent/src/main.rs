@@ -176,6 +176,29 @@ enum Command {
         /// Classes to list for classifiers.
         #[arg(long, default_value_t = DEFAULT_TOP_K)]
         top: usize,
+        /// With --example: compare the outputs to the zoo's golden response (ONNX Runtime's)
+        /// and fail if any value differs by more than 1e-4.
+        #[arg(long, requires = "example")]
+        golden: bool,
+    },
+    /// Send one inference request to an agent through a broker (MQTT v5) and print the reply.
+    Request {
+        /// The broker: mqtt://host:port.
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        broker: String,
+        /// The agent's device id.
+        #[arg(long)]
+        device_id: String,
+        #[arg(long)]
+        model: String,
+        /// A V2 request JSON file, or `-` for stdin.
+        #[arg(long, value_name = "FILE")]
+        input: Option<PathBuf>,
+        /// Send the zoo's golden request for this model.
+        #[arg(long, conflicts_with = "input")]
+        example: bool,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
     },
     /// Measure round trips through an MQTT broker: an echo responder (the broker alone) and the
     /// agent, at several concurrencies. Starts its own broker and agent unless --broker is given.
@@ -320,6 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             example,
             variant,
             top,
+            golden,
         } => infer(
             &agent::models_dir(models),
             &model,
@@ -327,6 +351,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             example,
             variant,
             top,
+            golden,
+        ),
+        Command::Request {
+            broker,
+            device_id,
+            model,
+            input,
+            example,
+            timeout_ms,
+        } => send_request(
+            &agent::models_dir(models),
+            &broker,
+            &device_id,
+            &model,
+            input,
+            example,
+            timeout_ms,
         ),
         Command::Bench {
             model,
@@ -650,6 +691,7 @@ fn infer(
     example: bool,
     variant: Variant,
     top: usize,
+    compare_golden: bool,
 ) -> anyhow::Result<()> {
     let engine = EngineConfig {
         variant,
@@ -674,7 +716,67 @@ fn infer(
         InferenceRequest::from_json(&bytes)?
     };
     let response = run_request(engine.model(model)?, &request, top)?;
+    if compare_golden {
+        let golden = golden::response(engine.manifest(), model, variant)?;
+        let mut worst = 0.0f64;
+        for want in &golden.outputs {
+            let got = response
+                .outputs
+                .iter()
+                .find(|o| o.name == want.name)
+                .with_context(|| format!("output `{}` is missing", want.name))?;
+            let diff = got.to_tensor()?.max_abs_diff(&want.to_tensor()?);
+            worst = worst.max(diff);
+        }
+        if worst > 1e-4 || worst.is_nan() {
+            bail!(
+                "{model} ({variant:?}) differs from its golden response by {worst:e}, over the 1e-4 allowed"
+            );
+        }
+        return print_stdout(&format!(
+            "{model}: matches the golden response (max abs diff {worst:.2e})"
+        ));
+    }
     print_stdout(&serde_json::to_string_pretty(&response)?)
+}
+
+fn send_request(
+    dir: &std::path::Path,
+    broker: &str,
+    device_id: &str,
+    model: &str,
+    input: Option<PathBuf>,
+    example: bool,
+    timeout_ms: u64,
+) -> anyhow::Result<()> {
+    let url =
+        url::Url::parse(broker).with_context(|| format!("--broker `{broker}` is not a URL"))?;
+    let host = url.host_str().context("--broker names no host")?;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, url.port().unwrap_or(1883)))?
+        .next()
+        .with_context(|| format!("cannot resolve {host}"))?;
+    let body = if example {
+        let manifest = Manifest::load(dir)?;
+        std::fs::read(golden::request_path(&manifest, model))?
+    } else {
+        match input {
+            Some(path) if path.as_os_str() != "-" => std::fs::read(&path)
+                .with_context(|| format!("cannot read the request file {}", path.display()))?,
+            _ => read_stdin()?,
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let topic = format!("tether/{device_id}/infer/{model}");
+    let reply = runtime.block_on(agent::client::request(
+        addr,
+        &topic,
+        body,
+        Duration::from_millis(timeout_ms),
+    ))?;
+    print_stdout(&String::from_utf8_lossy(&reply))
 }
 
 /// Prints to stdout; a closed pipe (`| head`) is not an error worth a panic.

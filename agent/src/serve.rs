@@ -198,6 +198,7 @@ pub struct Intake {
     device_id: String,
     front_tx: flume::Sender<Arrival>,
     front: Arc<FrontContext>,
+    closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the front stage needs to parse requests and answer from the cache.
@@ -228,12 +229,7 @@ impl Intake {
             );
             return self.refuse(ticket, publish, &model, ErrorCode::BadRequest, &error);
         }
-        if self
-            .jobs_tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
-        {
+        if self.closing.load(Ordering::Relaxed) {
             // Shutting down: not acknowledged, so the broker delivers it again later.
             return self.link.finish(ticket, publish, false);
         }
@@ -709,6 +705,8 @@ pub struct Pipeline {
     front_tx: flume::Sender<Arrival>,
     front: Arc<FrontContext>,
     model_workers: usize,
+    /// Set when shutdown begins: no new requests are taken.
+    closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The queue's depth, readable from anywhere.
@@ -754,7 +752,8 @@ impl Pipeline {
         let (jobs_tx, jobs_rx) = flume::bounded::<Job>(cfg.queue);
         let (front_tx, front_rx) = flume::bounded::<Arrival>(cfg.queue.max(64));
         let jobs_tx: JobsTx = Arc::new(Mutex::new(Some(jobs_tx)));
-        let shutdown = jobs_tx.clone();
+        let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let front_closing = closing.clone();
         let mut workers = Vec::with_capacity(cfg.workers + 1);
         let front = Arc::new(FrontContext {
             engine: context.engine.clone(),
@@ -767,6 +766,7 @@ impl Pipeline {
             std::thread::Builder::new()
                 .name("front".into())
                 .spawn(move || {
+                    let closing = front_closing;
                     loop {
                         match front_rx.recv_timeout(Duration::from_millis(50)) {
                             Ok(arrival) => {
@@ -775,7 +775,7 @@ impl Pipeline {
                             }
                             // Once shutdown has begun and the queue is empty, stop.
                             Err(flume::RecvTimeoutError::Timeout) => {
-                                if shutdown.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+                                if closing.load(Ordering::Relaxed) {
                                     return;
                                 }
                             }
@@ -811,6 +811,7 @@ impl Pipeline {
             front_tx,
             front,
             model_workers: cfg.workers,
+            closing,
         })
     }
 
@@ -833,18 +834,32 @@ impl Pipeline {
             device_id: self.device_id.clone(),
             front_tx: self.front_tx.clone(),
             front: self.front.clone(),
+            closing: self.closing.clone(),
         }
     }
 
     /// Stops intake and waits for the workers to drain the queue, up to `grace`.
     /// Returns false when the grace period ran out first.
     pub async fn drain(self, grace: std::time::Duration) -> bool {
+        // Requests already taken finish: first the front stage empties its queue (routing
+        // them), then the model queue is closed and the workers finish what it holds.
+        self.closing.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + grace;
+        let mut workers = self.workers.into_iter();
+        if let Some(front) = workers.next() {
+            while !front.is_finished() {
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let _ = front.join();
+        }
         self.jobs_tx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let deadline = Instant::now() + grace;
-        for w in self.workers {
+        for w in workers {
             while !w.is_finished() {
                 if Instant::now() >= deadline {
                     return false;

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Smoke-tests the ARM binaries of TARGET under qemu-user: `tether-agent models --check`,
+# `tether-agent infer` on every zoo model compared with its golden response, and one MQTT round
+# trip through the agent's embedded broker (the request sent by the ARM binary too).
+#   cross/smoke.sh aarch64-unknown-linux-gnu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target=${1:?usage: cross/smoke.sh TARGET}
+. cross/env.sh "$target"
+bin="target/$target/release/tether-agent"
+if [ ! -x "$bin" ]; then
+  echo "$bin is missing: run cross/build.sh $target first" >&2
+  exit 1
+fi
+run() { $QEMU "$bin" --models models/zoo "$@"; }
+
+echo "== tether-agent models --check ($target, under qemu)"
+run models --check
+
+echo "== tether-agent infer against the goldens"
+for model in $(sed -n 's/^name = "\(.*\)"/\1/p' models/zoo/MANIFEST.toml); do
+  run infer --model "$model" --example --golden
+done
+
+echo "== one MQTT round trip through the embedded broker"
+scratch=$(mktemp -d)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+RUST_LOG=warn $QEMU "$bin" --models models/zoo run --embedded-broker "127.0.0.1:$port" \
+  --device-id smoke --db "$scratch/tether.db" 2>"$scratch/agent.log" &
+agent=$!  # the qemu process itself: its /proc entry is the emulated agent
+trap 'kill $agent 2>/dev/null || true; rm -rf "$scratch"' EXIT
+reply=""
+for _ in $(seq 1 60); do
+  if reply=$(run request --broker "mqtt://127.0.0.1:$port" --device-id smoke --model digits --example --timeout-ms 5000 2>/dev/null); then
+    break
+  fi
+  sleep 1
+done
+if ! echo "$reply" | grep -q '"route":"local"'; then
+  echo "no reply from the agent under qemu; its log:" >&2
+  cat "$scratch/agent.log" >&2
+  exit 1
+fi
+echo "$reply" | head -c 300; echo
+echo "== RSS of the idle agent with every zoo model loaded (qemu process)"
+grep -E 'VmRSS|VmHWM' "/proc/$agent/status" || true
+kill -TERM $agent
+wait $agent || true
+echo "cross/smoke.sh: $target passed"
