@@ -12,13 +12,15 @@ if [ ! -x "$bin" ]; then
   echo "$bin is missing: run cross/build.sh $target first" >&2
   exit 1
 fi
+# qemu's /proc/cpuinfo lacks the lines tract reads for CPU features: it warns, harmlessly.
+export RUST_LOG=${RUST_LOG:-error}
 run() { $QEMU "$bin" --models models/zoo "$@"; }
 
 echo "== tether-agent models --check ($target, under qemu)"
 run models --check
 
 echo "== tether-agent infer against the goldens"
-for model in $(sed -n 's/^name = "\(.*\)"/\1/p' models/zoo/MANIFEST.toml); do
+for model in $(awk '/^\[\[model\]\]/ { m = 1; next } m && /^name = / { gsub(/"/, "", $3); print $3; m = 0 }' models/zoo/MANIFEST.toml); do
   run infer --model "$model" --example --golden
 done
 

@@ -331,6 +331,8 @@ pub struct RawInference {
     /// fast development machine behaves like a slow device (the demo and the offload tests use
     /// it). 0, the default, in production.
     pub emulated_service_ms: f64,
+    /// The tract runtime: unset for the CPU, `cuda` on a Jetson (a build with --features cuda).
+    pub runtime: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -393,6 +395,7 @@ impl Default for RawInference {
             max_elements: models::v2::DEFAULT_MAX_ELEMENTS,
             top_k: 3,
             emulated_service_ms: 0.0,
+            runtime: None,
         }
     }
 }
@@ -556,6 +559,7 @@ pub struct InferenceConfig {
     pub max_elements: usize,
     pub top_k: usize,
     pub emulated_service: Duration,
+    pub runtime: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -690,6 +694,7 @@ impl RawConfig {
                     emulated_service: Duration::from_secs_f64(
                         inference.emulated_service_ms.clamp(0.0, 60_000.0) / 1e3,
                     ),
+                    runtime: inference.runtime.clone(),
                 },
                 embedded_broker,
                 store,

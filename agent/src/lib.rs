@@ -125,10 +125,12 @@ pub async fn run(
 
     let dir = config.models_dir.clone();
     let max_elements = config.inference.max_elements;
+    let runtime = config.inference.runtime.clone();
     let engine = tokio::task::spawn_blocking(move || {
         EngineConfig {
             variant: Variant::Device,
             max_elements,
+            runtime,
             ..EngineConfig::default()
         }
         .build(dir)

@@ -40,6 +40,9 @@ pub struct EngineConfig {
     /// every batch runs on the one plan with a symbolic batch axis. On for serving; the bench
     /// turns it off to measure what specialisation buys.
     pub batch_plans: bool,
+    /// The tract runtime that runs the plans: `None` for tract's default (the CPU), or a
+    /// runtime compiled in by a cargo feature (`cuda` on a Jetson).
+    pub runtime: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +52,7 @@ impl Default for EngineConfig {
             only: Vec::new(),
             max_elements: DEFAULT_MAX_ELEMENTS,
             batch_plans: true,
+            runtime: None,
         }
     }
 }
@@ -56,6 +60,9 @@ impl Default for EngineConfig {
 impl EngineConfig {
     /// Loads the manifest in `dir` and builds every selected model.
     pub fn build(&self, dir: impl AsRef<Path>) -> Result<Engine> {
+        if let Some(name) = &self.runtime {
+            tract::runtime_for_name(name).map_err(|_| ModelError::Runtime(name.clone()))?;
+        }
         let manifest = Arc::new(Manifest::load(dir)?);
         let mut models = BTreeMap::new();
         for name in &self.only {
@@ -74,7 +81,13 @@ impl EngineConfig {
                     path: manifest.dir().to_path_buf(),
                     reason: format!("model `{}` has no {} variant", spec.name, self.variant),
                 })?;
-            let mut loaded = LoadedModel::load(&manifest, spec, variant, self.max_elements)?;
+            let mut loaded = LoadedModel::load(
+                &manifest,
+                spec,
+                variant,
+                self.max_elements,
+                self.runtime.clone(),
+            )?;
             if !self.batch_plans
                 && let Planner::Symbolic { batch_symbol, .. } = &mut loaded.planner
             {
@@ -113,6 +126,8 @@ pub struct LoadedModel {
     variant: VariantSpec,
     max_elements: usize,
     planner: Planner,
+    /// The tract runtime by name; `None` for the default.
+    runtime: Option<String>,
     /// Plans specialised to one batch size or input shape, built on first use.
     plans: RwLock<HashMap<Vec<usize>, Runnable>>,
 }
@@ -155,12 +170,21 @@ fn parse_onnx(bytes: &[u8]) -> anyhow::Result<InferenceModel> {
     tract::onnx()?.load_buffer_with_options(bytes, OnnxOptions::new().ignore_value_info(true))
 }
 
+/// A runnable plan of `model` on the named tract runtime, or tract's default.
+fn prepare(runtime: Option<&str>, model: Model) -> anyhow::Result<Runnable> {
+    match runtime {
+        Some(name) => tract::runtime_for_name(name)?.prepare(model),
+        None => model.into_runnable(),
+    }
+}
+
 impl LoadedModel {
     fn load(
         manifest: &Manifest,
         spec: &ModelSpec,
         variant: &VariantSpec,
         max_elements: usize,
+        runtime: Option<String>,
     ) -> Result<LoadedModel> {
         let path = manifest.path_of(&variant.file);
         let bytes = manifest.read_verified(variant)?;
@@ -183,9 +207,7 @@ impl LoadedModel {
                 } else {
                     None
                 };
-                let generic = model
-                    .clone()
-                    .into_runnable()
+                let generic = prepare(runtime.as_deref(), model.clone())
                     .map_err(|e| load_err(format!("{e:#}")))?;
                 Planner::Symbolic {
                     model,
@@ -212,6 +234,7 @@ impl LoadedModel {
             variant: variant.clone(),
             max_elements,
             planner,
+            runtime,
             plans: RwLock::new(HashMap::new()),
         })
     }
@@ -497,7 +520,7 @@ impl LoadedModel {
                 };
                 let mut model = Model::clone(model);
                 model.transform(SetSymbols::new().value(symbol.clone(), i64::try_from(batch)?))?;
-                model.into_runnable()
+                prepare(self.runtime.as_deref(), model)
             }
             Planner::PerShape { bytes } => {
                 let mut inference = parse_onnx(bytes)?;
@@ -506,7 +529,7 @@ impl LoadedModel {
                     let dt = format!("{:?}", to_tract_dt(spec.datatype)).to_lowercase();
                     inference.set_input_fact(i, format!("{},{dt}", dims.join(",")).as_str())?;
                 }
-                inference.into_model()?.into_runnable()
+                prepare(self.runtime.as_deref(), inference.into_model()?)
             }
         }
     }

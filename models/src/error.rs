@@ -118,6 +118,11 @@ pub enum ModelError {
 
     #[error("model `{model}` failed while running: {reason}")]
     Run { model: String, reason: String },
+
+    #[error(
+        "the tract runtime `{0}` is not compiled into this binary; `cuda` needs a build with --features cuda (a Jetson with CUDA 12), and the default runtime needs none"
+    )]
+    Runtime(String),
 }
 
 impl ModelError {
@@ -137,9 +142,12 @@ impl ModelError {
             | UnsupportedDatatype(_)
             | BadRequest(_)
             | BatchMismatch { .. } => ErrorCode::BadRequest,
-            Checksum { .. } | Io { .. } | Manifest { .. } | Load { .. } | Run { .. } => {
-                ErrorCode::Internal
-            }
+            Checksum { .. }
+            | Io { .. }
+            | Manifest { .. }
+            | Load { .. }
+            | Run { .. }
+            | Runtime(_) => ErrorCode::Internal,
         }
     }
 }
