@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the stripped release binaries for TARGET into target/TARGET/release/:
+# Builds the stripped release binaries for TARGET into target/TARGET/release/ (or
+# target/TARGET/PROFILE/ with --profile PROFILE):
 # tether-agent (device build: without the demo, which links the relay) for every target, and
 # tether-relay for aarch64 (ARM cloud servers).
 #   cross/build.sh aarch64-unknown-linux-gnu
@@ -15,21 +16,29 @@ packages=(-p agent)
 if [ "$target" = aarch64-unknown-linux-gnu ]; then
   packages+=(-p cloud-relay)
 fi
+# --profile NAME replaces --release (cargo takes one or the other).
+profile=release
+args=("$@")
+for i in "${!args[@]}"; do
+  if [ "${args[$i]}" = --profile ]; then profile=${args[$((i + 1))]}; fi
+done
+profile_args=(--release)
+[ "$profile" != release ] && profile_args=()
 started=$(date +%s)
-echo "cross/build.sh: $target, standard library from $STD_SOURCE"
-out="target/$target/release"
+echo "cross/build.sh: $target ($profile profile), standard library from $STD_SOURCE"
+out="target/$target/$profile"
 case "$STD_SOURCE" in
   rustup|debian)
-    cargo build --release --locked --target "$target" --no-default-features "${packages[@]}" "$@"
+    cargo build "${profile_args[@]}" --locked --target "$target" --no-default-features "${packages[@]}" "$@"
     ;;
   build-std)
     # A target directory of its own: RUSTC_BOOTSTRAP changes build-script fingerprints.
-    cargo build --release --locked --target "$target" --no-default-features "${packages[@]}" \
+    cargo build "${profile_args[@]}" --locked --target "$target" --no-default-features "${packages[@]}" \
       -Zbuild-std=std,panic_abort --target-dir target/build-std "$@"
     mkdir -p "$out"
     for bin in tether-agent tether-relay; do
-      if [ -f "target/build-std/$target/release/$bin" ]; then
-        cp "target/build-std/$target/release/$bin" "$out/"
+      if [ -f "target/build-std/$target/$profile/$bin" ]; then
+        cp "target/build-std/$target/$profile/$bin" "$out/"
       fi
     done
     ;;
