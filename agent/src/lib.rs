@@ -310,7 +310,6 @@ pub async fn run(
         }
         .run(stop_drivers.clone()),
     ));
-    let mut pool_client = None;
     let mut pool_connected = None;
     if let Some(filter) = topics.pool_filter() {
         let (pclient, peventloop) = mqtt::connect(&config.mqtt, mqtt::Session::Pool, capacity);
@@ -331,7 +330,6 @@ pub async fn run(
             }
             .run(stop_drivers.clone()),
         ));
-        pool_client = Some(pclient);
     }
     tracing::info!(
         device_id = %config.device_id,
@@ -371,7 +369,6 @@ pub async fn run(
     {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    let _ = pool_client;
     stop_drivers.cancel();
     // Each driver exits once its DISCONNECT is out; don't wait on a dead broker forever.
     let aborts: Vec<_> = drivers.iter().map(|d| d.abort_handle()).collect();

@@ -72,35 +72,8 @@ enum Command {
         /// agent.toml; every key is optional (see README.md).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// The broker to connect to: mqtt://host:port or mqtts://host:port.
-        #[arg(long, value_name = "URL")]
-        broker: Option<String>,
-        /// Start an in-process MQTT broker on ADDR (MQTT v5; 3.1.1 on the next port) and
-        /// connect to it.
-        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = agent::config::DEFAULT_EMBEDDED_LISTEN)]
-        embedded_broker: Option<String>,
-        /// This device's id (default: the hostname).
-        #[arg(long)]
-        device_id: Option<String>,
-        /// Inference worker threads (default: one per core).
-        #[arg(long)]
-        workers: Option<usize>,
-        /// The agent's SQLite database (default: store.path, else tether.db).
-        #[arg(long, value_name = "PATH")]
-        db: Option<PathBuf>,
-        /// The Tether relay to offload to (http:// or https://); without one, every request
-        /// runs here.
-        #[arg(long, value_name = "URL")]
-        relay: Option<String>,
-        /// The device's relay token, from this file.
-        #[arg(long, value_name = "FILE", requires = "relay")]
-        relay_token_file: Option<PathBuf>,
-        /// Serve Prometheus metrics at http://ADDR/metrics.
-        #[arg(long, value_name = "ADDR")]
-        metrics: Option<String>,
-        /// Routing policy: local-first, local-only or cloud-first.
-        #[arg(long, value_name = "MODE")]
-        policy: Option<String>,
+        #[command(flatten)]
+        flags: RunFlags,
     },
     /// Inspect or clear the result cache of an agent's database (the agent may be running).
     Cache {
@@ -267,32 +240,7 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let models = cli.models;
     match cli.command {
-        Command::Run {
-            config,
-            broker,
-            embedded_broker,
-            device_id,
-            workers,
-            db,
-            relay,
-            relay_token_file,
-            metrics,
-            policy,
-        } => run_agent(
-            models,
-            config,
-            RunFlags {
-                broker,
-                embedded_broker,
-                device_id,
-                workers,
-                db,
-                relay,
-                relay_token_file,
-                metrics,
-                policy,
-            },
-        ),
+        Command::Run { config, flags } => run_agent(models, config, flags),
         #[cfg(feature = "demo")]
         Command::Demo {
             seconds,
@@ -443,15 +391,36 @@ fn demo(
 }
 
 /// `run`'s flags, which override agent.toml.
+#[derive(Debug, clap::Args)]
 struct RunFlags {
+    /// The broker to connect to: mqtt://host:port or mqtts://host:port.
+    #[arg(long, value_name = "URL")]
     broker: Option<String>,
+    /// Start an in-process MQTT broker on ADDR (MQTT v5; 3.1.1 on the next port) and
+    /// connect to it.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = agent::config::DEFAULT_EMBEDDED_LISTEN)]
     embedded_broker: Option<String>,
+    /// This device's id (default: the hostname).
+    #[arg(long)]
     device_id: Option<String>,
+    /// Inference worker threads (default: one per core).
+    #[arg(long)]
     workers: Option<usize>,
+    /// The agent's SQLite database (default: store.path, else tether.db).
+    #[arg(long, value_name = "PATH")]
     db: Option<PathBuf>,
+    /// The Tether relay to offload to (http:// or https://); without one, every request
+    /// runs here.
+    #[arg(long, value_name = "URL")]
     relay: Option<String>,
+    /// The device's relay token, from this file.
+    #[arg(long, value_name = "FILE", requires = "relay")]
     relay_token_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    /// Routing policy: local-first, local-only or cloud-first.
+    #[arg(long, value_name = "MODE")]
     policy: Option<String>,
 }
 

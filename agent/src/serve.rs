@@ -103,6 +103,8 @@ pub struct Job {
     reason: Reason,
     /// The request as the front stage parsed it.
     prepared: Prepared,
+    /// Where its reply goes.
+    route: ReplyRoute,
 }
 
 /// A request parsed, validated and looked up in the cache by the front stage.
@@ -309,6 +311,7 @@ impl Intake {
             budget,
             reason: Reason::Cached,
             prepared,
+            route,
         };
         // The cache first: a hit never waits behind the model.
         if let Some((key, _)) = &job.prepared.cache
@@ -327,7 +330,7 @@ impl Intake {
                         &job,
                         None,
                     );
-                    return self.reply_blocking(job.ticket, job.publish, route, body);
+                    return self.reply_job(job, body);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, model = %job.model, "A cached result does not parse; running the model.");
@@ -342,19 +345,7 @@ impl Intake {
         else {
             return self.link.finish(job.ticket, job.publish, false);
         };
-        let load = *self.routing.load_rx.borrow();
-        let (p50, p95) = self.routing.times.percentiles(&job.model);
-        let signals = Signals {
-            local_p50_ms: p50,
-            local_p95_ms: p95,
-            queue_depth: jobs_tx.len() + self.routing.in_service.load(Ordering::Relaxed),
-            queue_capacity: self.queue_capacity + self.workers,
-            workers: self.workers,
-            cpu_percent: load.cpu_percent,
-            temperature_c: load.temperature_c,
-            throttled: load.throttled,
-            relay: self.routing.relay(&job.model),
-        };
+        let signals = self.signals(&job.model, jobs_tx.len());
         let left_ms = job
             .deadline
             .saturating_duration_since(Instant::now())
@@ -383,9 +374,9 @@ impl Intake {
                     reason: Some(decision.reason.as_str()),
                 }
                 .to_json();
-                self.reply_blocking(job.ticket, job.publish, route, body);
+                self.reply_job(job, body);
             }
-            Route::Cloud => self.offload(job, route),
+            Route::Cloud => self.offload(job),
             Route::Local => self.enqueue(&jobs_tx, job),
         }
     }
@@ -436,18 +427,16 @@ impl Intake {
         })
     }
 
+    fn reply_job(&self, job: Job, body: Vec<u8>) {
+        reply_blocking(&self.store, job, body);
+    }
+
     /// Writes a reply to the outbox from a thread (waiting for room in the store's queue); the
     /// request is acknowledged once it is committed.
     fn reply_blocking(&self, ticket: u64, publish: Incoming, route: ReplyRoute, body: Vec<u8>) {
-        let link = self.link.clone();
         self.store.append(
             OutMessage::reply(route, body),
-            Box::new(move |stored| {
-                if let Err(e) = &stored {
-                    tracing::warn!(error = %e, "Could not store a reply; the request will be delivered again.");
-                }
-                link.finish(ticket, publish, stored.is_ok());
-            }),
+            acknowledge(self.link.clone(), ticket, publish),
         );
     }
 
@@ -468,7 +457,7 @@ impl Intake {
 
     /// Sends a request to the relay on a task of its own; on failure it runs locally while
     /// its budget allows.
-    fn offload(&self, job: Job, route: ReplyRoute) {
+    fn offload(&self, job: Job) {
         let Some(cloud) = self.routing.cloud.clone() else {
             let jobs_tx = self
                 .jobs_tx
@@ -496,7 +485,7 @@ impl Intake {
                         &job,
                         None,
                     );
-                    intake.reply(job, route, body).await;
+                    reply_async(&intake.store, job, body).await;
                 }
                 Err(CloudError::Refused { message, .. }) => {
                     let error = format!("the relay refused the request: {message}");
@@ -508,24 +497,13 @@ impl Intake {
                         reason: None,
                     }
                     .to_json();
-                    intake.reply(job, route, body).await;
+                    reply_async(&intake.store, job, body).await;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, model = %job.model, "Offload failed; trying locally.");
                     let left = job.deadline.saturating_duration_since(Instant::now());
-                    let (p50, p95) = intake.routing.times.percentiles(&job.model);
-                    let local = policy::local_estimate_ms(&Signals {
-                        local_p50_ms: p50,
-                        local_p95_ms: p95,
-                        queue_depth: intake.routing.in_service.load(Ordering::Relaxed)
-                            + intake.queued(),
-                        queue_capacity: intake.queue_capacity,
-                        workers: intake.workers,
-                        cpu_percent: None,
-                        temperature_c: None,
-                        throttled: false,
-                        relay: Relay::Down,
-                    });
+                    let local =
+                        policy::local_estimate_ms(&intake.signals(&job.model, intake.queued()));
                     let jobs_tx = intake.jobs_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
                     match jobs_tx {
                         Some(tx) if local <= left.as_secs_f64() * 1e3 => {
@@ -548,12 +526,29 @@ impl Intake {
                                 reason: Some(Reason::OffloadFailed.as_str()),
                             }
                             .to_json();
-                            intake.reply(job, route, body).await;
+                            reply_async(&intake.store, job, body).await;
                         }
                     }
                 }
             }
         });
+    }
+
+    /// What the policy knows about `model` now, with `queued` requests waiting for a worker.
+    fn signals(&self, model: &str, queued: usize) -> Signals {
+        let load = *self.routing.load_rx.borrow();
+        let (p50, p95) = self.routing.times.percentiles(model);
+        Signals {
+            local_p50_ms: p50,
+            local_p95_ms: p95,
+            queue_depth: queued + self.routing.in_service.load(Ordering::Relaxed),
+            queue_capacity: self.queue_capacity + self.workers,
+            workers: self.workers,
+            cpu_percent: load.cpu_percent,
+            temperature_c: load.temperature_c,
+            throttled: load.throttled,
+            relay: self.routing.relay(model),
+        }
     }
 
     fn queued(&self) -> usize {
@@ -562,28 +557,6 @@ impl Intake {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .map_or(0, flume::Sender::len)
-    }
-
-    /// Writes a reply to the outbox from an async task; the request is acknowledged once it
-    /// is committed.
-    async fn reply(&self, job: Job, route: ReplyRoute, body: Vec<u8>) {
-        let Job {
-            publish,
-            ticket,
-            link,
-            ..
-        } = job;
-        self.store
-            .append_async(
-                OutMessage::reply(route, body),
-                Box::new(move |stored| {
-                    if let Err(e) = &stored {
-                        tracing::warn!(error = %e, "Could not store a reply; the request will be delivered again.");
-                    }
-                    link.finish(ticket, publish, stored.is_ok());
-                }),
-            )
-            .await;
     }
 
     fn refuse_with(&self, job: Job, code: ErrorCode, error: &str, reason: Option<Reason>) {
@@ -620,17 +593,54 @@ impl Intake {
             reason: reason.map(Reason::as_str),
         }
         .to_json();
-        let link = self.link.clone();
         self.store.try_append(
             OutMessage::reply(route, body),
-            Box::new(move |stored| {
-                if let Err(e) = &stored {
-                    tracing::warn!(error = %e, "Could not store an error reply; the request stays unacknowledged.");
-                }
-                link.finish(ticket, publish, stored.is_ok());
-            }),
+            acknowledge(self.link.clone(), ticket, publish),
         );
     }
+}
+
+/// Writes a job's reply to the outbox from a thread (waiting for room in the store's queue);
+/// the request is acknowledged once the reply is committed.
+fn reply_blocking(store: &StoreHandle, job: Job, body: Vec<u8>) {
+    let Job {
+        publish,
+        ticket,
+        link,
+        route,
+        ..
+    } = job;
+    store.append(
+        OutMessage::reply(route, body),
+        acknowledge(link, ticket, publish),
+    );
+}
+
+/// [`reply_blocking`] from an async task.
+async fn reply_async(store: &StoreHandle, job: Job, body: Vec<u8>) {
+    let Job {
+        publish,
+        ticket,
+        link,
+        route,
+        ..
+    } = job;
+    store
+        .append_async(
+            OutMessage::reply(route, body),
+            acknowledge(link, ticket, publish),
+        )
+        .await;
+}
+
+/// What to do once a reply is stored: acknowledge its request, or leave it for redelivery.
+fn acknowledge(link: Arc<Link>, ticket: u64, publish: Incoming) -> crate::store::Done {
+    Box::new(move |stored| {
+        if let Err(e) = &stored {
+            tracing::warn!(error = %e, "Could not store a reply; the request will be delivered again.");
+        }
+        link.finish(ticket, publish, stored.is_ok());
+    })
 }
 
 /// What the intake reads of a request without building a JSON tree of its tensors (it runs
@@ -879,10 +889,9 @@ struct Worker {
 
 /// What a worker does with a request it has answered.
 enum Outcome {
-    Reply(ReplyRoute, Vec<u8>),
+    Reply(Vec<u8>),
     /// A low-confidence local answer: ask the relay's model, falling back to this one.
     Escalate {
-        route: ReplyRoute,
         local: InferenceResponse,
         queue_ms: f64,
     },
@@ -897,28 +906,11 @@ impl Worker {
             }
             let routing = &self.cx.routing;
             routing.in_service.fetch_add(1, Ordering::Relaxed);
-            let reply_to = job
-                .prepared
-                .request
-                .parameters
-                .as_ref()
-                .and_then(|p| p.get("reply_to"))
-                .and_then(Value::as_str);
-            let route = reply_route(
-                job.publish.response_topic.as_deref(),
-                job.publish.correlation.as_deref(),
-                reply_to,
-                self.cx.topics.default_reply(&job.model),
-            );
-            let outcome = self.process(&job, route);
+            let outcome = self.process(&job);
             routing.in_service.fetch_sub(1, Ordering::Relaxed);
             match outcome {
-                Outcome::Reply(route, body) => self.reply(job, route, body),
-                Outcome::Escalate {
-                    route,
-                    local,
-                    queue_ms,
-                } => self.escalate(job, route, local, queue_ms),
+                Outcome::Reply(body) => reply_blocking(&self.cx.store, job, body),
+                Outcome::Escalate { local, queue_ms } => self.escalate(job, local, queue_ms),
             }
         }
     }
@@ -934,39 +926,18 @@ impl Worker {
             .routing
             .metrics
             .routed("reject", Reason::WouldMissBudget);
-        let route = early_route(&self.cx.topics, &job.publish, &job.model);
         let body = ErrorReply {
-            id: None,
+            id: job.prepared.request.id.as_deref(),
             error: &error,
             code: ErrorCode::Overloaded,
             reason: Some(Reason::WouldMissBudget.as_str()),
         }
         .to_json();
-        self.reply(job, route, body);
-    }
-
-    fn reply(&self, job: Job, route: ReplyRoute, body: Vec<u8>) {
-        let Job {
-            publish,
-            ticket,
-            link,
-            ..
-        } = job;
-        // Waiting on the store's bounded queue is the backpressure we want here: this is a
-        // worker thread, never the event loop.
-        self.cx.store.append(
-            OutMessage::reply(route, body),
-            Box::new(move |stored| {
-                if let Err(e) = &stored {
-                    tracing::warn!(error = %e, "Could not store a reply; the request will be delivered again.");
-                }
-                link.finish(ticket, publish, stored.is_ok());
-            }),
-        );
+        reply_blocking(&self.cx.store, job, body);
     }
 
     /// Hands a low-confidence answer to an async task that asks the relay's model.
-    fn escalate(&self, job: Job, route: ReplyRoute, local: InferenceResponse, queue_ms: f64) {
+    fn escalate(&self, job: Job, local: InferenceResponse, queue_ms: f64) {
         let Some(cloud) = self.cx.routing.cloud.clone() else {
             let body = finish_response(
                 &self.cx.routing.metrics,
@@ -977,7 +948,7 @@ impl Worker {
                 &job,
                 Some(queue_ms),
             );
-            return self.reply(job, route, body);
+            return reply_blocking(&self.cx.store, job, body);
         };
         let cx = self.cx.clone();
         self.cx.routing.runtime.clone().spawn(async move {
@@ -1002,25 +973,12 @@ impl Worker {
                     finish_response(&cx.routing.metrics, local, "local", Reason::EscalationFailed, &cx.device_id, &job, Some(queue_ms))
                 }
             };
-            let Job {
-                publish,
-                ticket,
-                link,
-                ..
-            } = job;
-            cx.store
-                .append_async(
-                    OutMessage::reply(route, body),
-                    Box::new(move |stored| {
-                        link.finish(ticket, publish, stored.is_ok());
-                    }),
-                )
-                .await;
+            reply_async(&cx.store, job, body).await;
         });
     }
 
     /// Runs one prepared request through its model.
-    fn process(&self, job: &Job, route: ReplyRoute) -> Outcome {
+    fn process(&self, job: &Job) -> Outcome {
         let queue_ms = job.received.elapsed().as_secs_f64() * 1e3;
         let result = self
             .cx
@@ -1048,27 +1006,22 @@ impl Worker {
                     )
                 {
                     return Outcome::Escalate {
-                        route,
                         local: response,
                         queue_ms,
                     };
                 }
                 routing.metrics.routed("local", job.reason);
-                Outcome::Reply(
-                    route,
-                    finish_response(
-                        &routing.metrics,
-                        response,
-                        "local",
-                        job.reason,
-                        &self.cx.device_id,
-                        job,
-                        Some(queue_ms),
-                    ),
-                )
+                Outcome::Reply(finish_response(
+                    &routing.metrics,
+                    response,
+                    "local",
+                    job.reason,
+                    &self.cx.device_id,
+                    job,
+                    Some(queue_ms),
+                ))
             }
             Err((code, error)) => Outcome::Reply(
-                route,
                 ErrorReply {
                     id: job.prepared.request.id.as_deref(),
                     error: &error,

@@ -210,12 +210,12 @@ async fn a_damaged_database_is_moved_aside_and_the_agent_serves() {
         names.iter().any(|n| n.starts_with("tether.db.corrupt-")),
         "{names:?}"
     );
-    let fresh = rusqlite_check(&db);
+    let fresh = inspects_cleanly(&db);
     assert_eq!(fresh, "ok");
 }
 
-/// `PRAGMA quick_check` of a database file, through the agent's own inspector.
-fn rusqlite_check(db: &std::path::Path) -> String {
+/// "ok" when `tether-agent cache stats --db` opens the file (it runs `PRAGMA quick_check`), else its error.
+fn inspects_cleanly(db: &std::path::Path) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether-agent"))
         .args(["cache", "stats", "--json", "--db"])
         .arg(db)
