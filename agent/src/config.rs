@@ -58,6 +58,57 @@ pub struct RawConfig {
     /// The Tether relay to offload to; without one the agent is local-only.
     pub relay: Option<RawRelay>,
     pub metrics: RawMetrics,
+    pub fleet: RawFleet,
+}
+
+/// `[fleet]`: signed configuration and model updates over MQTT, and telemetry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawFleet {
+    /// The groups this device belongs to: it applies `{prefix}/fleet/{group}/config` for each,
+    /// in this order, then its own `{prefix}/{device_id}/config`.
+    pub groups: Vec<String>,
+    /// Trusted signing keys: name = ed25519 public key in hex (`tether-agent fleet keygen`).
+    /// Without any, fleet documents are not subscribed to.
+    pub keys: std::collections::BTreeMap<String, String>,
+    /// Where downloaded models go (default: `models/` beside the database).
+    pub models_dir: Option<PathBuf>,
+    /// Bytes that must stay free after a model download.
+    pub reserve_bytes: u64,
+    /// Seconds between telemetry messages on `{prefix}/{device_id}/telemetry`; 0 for none.
+    pub telemetry_interval_secs: u64,
+    /// After a switch, the first this many local runs decide whether it stays...
+    pub health_requests: usize,
+    /// ...rolling it back when more than this share of them failed...
+    pub health_max_error_rate: f64,
+    /// ...or judged on what ran within this many seconds.
+    pub health_window_secs: u64,
+}
+
+impl Default for RawFleet {
+    fn default() -> Self {
+        RawFleet {
+            groups: Vec::new(),
+            keys: Default::default(),
+            models_dir: None,
+            reserve_bytes: 64 << 20,
+            telemetry_interval_secs: 30,
+            health_requests: 20,
+            health_max_error_rate: 0.5,
+            health_window_secs: 120,
+        }
+    }
+}
+
+/// The validated `[fleet]`.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub groups: Vec<String>,
+    pub keys: crate::fleet::envelope::TrustedKeys,
+    pub models_dir: PathBuf,
+    pub reserve_bytes: u64,
+    pub telemetry_interval: Duration,
+    pub health: crate::fleet::health::HealthRule,
 }
 
 /// `[policy]`: where requests go.
@@ -362,6 +413,7 @@ impl Default for RawConfig {
             policy: RawPolicy::default(),
             relay: None,
             metrics: RawMetrics::default(),
+            fleet: RawFleet::default(),
         }
     }
 }
@@ -436,6 +488,9 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub relay: Option<RelayConfig>,
     pub metrics_listen: Option<SocketAddr>,
+    pub fleet: FleetConfig,
+    /// agent.toml as read, with the device id resolved: what fleet documents merge over.
+    pub raw: RawConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -670,7 +725,11 @@ impl RawConfig {
                 models::manifest::MANIFEST_FILE
             ));
         }
+        if device_id == "fleet" {
+            errors.push("device_id `fleet` is reserved for group topics ({prefix}/fleet/{group}/config); choose another".into());
+        }
         let store = self.validate_store(&mut errors);
+        let fleet = self.validate_fleet(&store, &mut errors);
         let policy = self.validate_policy(inference.queue, &mut errors);
         let relay = self.validate_relay(&mut errors);
         let metrics_listen = self
@@ -680,7 +739,7 @@ impl RawConfig {
             .and_then(|a| parse_addr("metrics.listen", a, &mut errors));
         match (mqtt, errors.is_empty()) {
             (Some(mqtt), true) => Ok(Config {
-                device_id,
+                device_id: device_id.clone(),
                 topic_prefix: self.topic_prefix.clone(),
                 pool: self.pool.clone(),
                 models_dir,
@@ -701,8 +760,54 @@ impl RawConfig {
                 policy,
                 relay,
                 metrics_listen,
+                fleet,
+                raw: RawConfig {
+                    device_id: Some(device_id.clone()),
+                    ..self.clone()
+                },
             }),
             _ => Err(ConfigErrors(errors)),
+        }
+    }
+
+    fn validate_fleet(&self, store: &StoreConfig, errors: &mut Vec<String>) -> FleetConfig {
+        let f = &self.fleet;
+        for g in &f.groups {
+            check_segment("fleet.groups entry", g, errors);
+        }
+        let keys = crate::fleet::envelope::TrustedKeys::from_hex(&f.keys).unwrap_or_else(|e| {
+            errors.extend(e);
+            Default::default()
+        });
+        if f.health_requests == 0 {
+            errors.push("fleet.health_requests must be positive".into());
+        }
+        if !(0.0..=1.0).contains(&f.health_max_error_rate) {
+            errors.push(format!(
+                "fleet.health_max_error_rate is {}; use a share from 0 to 1",
+                f.health_max_error_rate
+            ));
+        }
+        if f.telemetry_interval_secs > 86_400 {
+            errors.push("fleet.telemetry_interval_secs must be at most 86400 (a day)".into());
+        }
+        let models_dir = f.models_dir.clone().unwrap_or_else(|| {
+            store
+                .path
+                .parent()
+                .map_or_else(|| PathBuf::from("models"), |p| p.join("models"))
+        });
+        FleetConfig {
+            groups: f.groups.clone(),
+            keys,
+            models_dir,
+            reserve_bytes: f.reserve_bytes,
+            telemetry_interval: Duration::from_secs(f.telemetry_interval_secs),
+            health: crate::fleet::health::HealthRule {
+                requests: f.health_requests.max(1),
+                max_error_rate: f.health_max_error_rate,
+                window: Duration::from_secs(f.health_window_secs),
+            },
         }
     }
 

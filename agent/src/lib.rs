@@ -9,7 +9,9 @@ pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod escalation;
+pub mod fleet;
 pub mod infer;
+pub mod live;
 pub mod loadgen;
 pub mod metrics;
 pub mod monitor;
@@ -27,7 +29,6 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use models::{EngineConfig, ModelError, Variant};
-use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +40,14 @@ const OUTBOX_WINDOW: usize = 64;
 
 /// The agent's version, as reported in its status.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+static LOG_CONTROL: std::sync::OnceLock<fleet::LogControl> = std::sync::OnceLock::new();
+
+/// Lets fleet documents change the log filter (`main` installs it; `None` restores the filter
+/// the process started with).
+pub fn set_log_control(control: fleet::LogControl) {
+    let _ = LOG_CONTROL.set(control);
+}
 
 /// Where the model zoo is: the explicit choice, else `./models/zoo` when run from a checkout,
 /// else the zoo of the source tree this binary was built from.
@@ -81,6 +90,8 @@ pub enum AgentError {
     },
     #[error("cannot start the load monitor: {0}")]
     Monitor(std::io::Error),
+    #[error("{0}")]
+    Fleet(String),
 }
 
 /// What a running agent tells the code that started it (tests, the demo).
@@ -124,19 +135,16 @@ pub async fn run(
     };
 
     let dir = config.models_dir.clone();
-    let max_elements = config.inference.max_elements;
-    let runtime = config.inference.runtime.clone();
-    let engine = tokio::task::spawn_blocking(move || {
-        EngineConfig {
-            variant: Variant::Device,
-            max_elements,
-            runtime,
-            ..EngineConfig::default()
-        }
-        .build(dir)
-    })
-    .await
-    .map_err(|e| AgentError::Join(e.to_string()))??;
+    let engine_config = EngineConfig {
+        variant: Variant::Device,
+        max_elements: config.inference.max_elements,
+        runtime: config.inference.runtime.clone(),
+        ..EngineConfig::default()
+    };
+    let build_config = engine_config.clone();
+    let engine = tokio::task::spawn_blocking(move || build_config.build(dir))
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))??;
     tracing::info!(models = %engine.models().map(|m| m.name()).collect::<Vec<_>>().join(", "), "Models loaded.");
 
     let store_cfg = config.store.clone();
@@ -160,37 +168,22 @@ pub async fn run(
         config.pool.as_deref(),
     );
     let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let counters = store.counters.clone();
-    let status = |online: bool| {
-        let models: Vec<_> = engine
-            .models()
-            .map(|m| json!({"name": m.name(), "version": m.spec().version, "variant": m.variant().variant.as_str(), "sha256": m.sha256()}))
-            .collect();
-        let c = &counters;
-        serde_json::to_vec(&json!({
-            "online": online,
-            "device_id": config.device_id,
-            "agent_version": VERSION,
-            "models": models,
-            "config_version": null,
-            "pool": config.pool,
-            "workers": config.inference.workers,
-            "started_at": started_at,
-            "relay": config.relay.as_ref().map(|r| r.url.to_string()),
-            "local_only": config.relay.is_none() || config.policy.policy.mode == policy::Mode::LocalOnly,
-            "policy": config.policy.policy.mode,
-            "outbox": {
-                "rows": c.outbox_rows.load(Ordering::Relaxed),
-                "bytes": c.outbox_bytes.load(Ordering::Relaxed),
-                "dropped": c.outbox_dropped.load(Ordering::Relaxed),
-            },
-            "cache": {
-                "rows": c.cache_rows.load(Ordering::Relaxed),
-                "bytes": c.cache_bytes.load(Ordering::Relaxed),
-                "evicted": c.cache_evicted.load(Ordering::Relaxed),
-            },
-        }))
-        .unwrap_or_default()
+    let live = live::Live::new(live::Settings {
+        engine: engine.clone(),
+        policy: config.policy.clone(),
+        cache: config.store.cache.clone(),
+        config_version: None,
+    });
+    let status = |online: bool| -> std::sync::Arc<dyn Fn() -> Vec<u8> + Send + Sync> {
+        let (config, live, counters, started_at) = (
+            config.clone(),
+            live.clone(),
+            store.counters.clone(),
+            started_at.clone(),
+        );
+        std::sync::Arc::new(move || {
+            fleet::device_status(online, &config, &live, &counters, &started_at)
+        })
     };
     let cloud = config.relay.as_ref().map(cloud::Cloud::new).transpose()?;
     match &config.relay {
@@ -200,9 +193,12 @@ pub async fn run(
         None => tracing::info!("No relay configured (--relay URL): every request runs here."),
     }
     let load_rx = monitor::spawn(config.policy.monitor_interval).map_err(AgentError::Monitor)?;
+    let load_rx_telemetry = load_rx.clone();
     let metrics = metrics::Metrics::default();
+    let runs = std::sync::Arc::new(serve::RunCounters::default());
     let routing = serve::Routing {
-        policy: config.policy.clone(),
+        live: live.clone(),
+        health: runs.clone(),
         cloud: cloud.clone(),
         load_rx,
         times: std::sync::Arc::new(serve::ServiceTimes::default()),
@@ -223,9 +219,7 @@ pub async fn run(
             device_id: config.device_id.clone(),
             topics: topics.clone(),
             top_k: config.inference.top_k,
-            engine: engine.clone(),
             store: store.clone(),
-            cache: config.store.cache.clone(),
             history: config.store.history.clone(),
             routing: routing.clone(),
             emulated_service: config.inference.emulated_service,
@@ -240,6 +234,7 @@ pub async fn run(
         let bound = listener.local_addr().unwrap_or(addr);
         tracing::info!(addr = %bound, "Serving Prometheus metrics at /metrics.");
         let probe = pipeline.probe();
+        let metrics = metrics.clone();
         let counters = store.counters.clone();
         let in_service = routing.in_service.clone();
         let cloud = cloud.clone();
@@ -275,13 +270,58 @@ pub async fn run(
             }),
         ));
     }
+    // Fleet documents: the last good configuration comes back from the database before the
+    // first request is taken.
+    let (status_refresh_tx, status_refresh_rx) = watch::channel(0u64);
+    let (telemetry_tx, telemetry_rx) = watch::channel(config.fleet.telemetry_interval);
+    let fleet = if config.fleet.keys.is_empty() {
+        if !config.fleet.groups.is_empty() {
+            tracing::warn!(
+                "fleet.groups is set but fleet.keys is empty: without a trusted key no fleet document can be accepted, so none is listened for."
+            );
+        }
+        None
+    } else {
+        let relay = config
+            .relay
+            .as_ref()
+            .and_then(|r| r.token.clone().map(|t| (r.url.clone(), t)));
+        let fetcher = fleet::download::Fetcher::new(
+            config.fleet.models_dir.clone(),
+            config.fleet.reserve_bytes,
+            relay,
+        )
+        .map_err(AgentError::Fleet)?;
+        let mut f = Box::new(fleet::Fleet::new(fleet::FleetContext {
+            config: config.clone(),
+            base_raw: config.raw.clone(),
+            keys: config.fleet.keys.clone(),
+            topics: fleet::doc::DocTopics::new(
+                &config.topic_prefix,
+                &config.device_id,
+                &config.fleet.groups,
+            ),
+            live: live.clone(),
+            base_engine: engine.clone(),
+            engine_config: engine_config.clone(),
+            store: store.clone(),
+            fetcher,
+            runs: runs.clone(),
+            health: config.fleet.health,
+            telemetry_interval: telemetry_tx.clone(),
+            status_refresh: status_refresh_tx.clone(),
+            log: LOG_CONTROL.get().cloned(),
+        }));
+        Box::pin(f.restore()).await;
+        Some(f)
+    };
     let stop_drivers = CancellationToken::new();
     let mut drivers = Vec::new();
     // The device's own connection; room in its client for every queued reply plus acks.
     let capacity = config.inference.queue * 2 + 64;
     let will = mqtt::Session::Device {
         will_topic: topics.status(),
-        will_payload: status(false),
+        will_payload: status(false)(),
     };
     let (client, eventloop) = mqtt::connect(&config.mqtt, will, capacity);
     let (connected_tx, connected_rx) = watch::channel(false);
@@ -307,9 +347,50 @@ pub async fn run(
                 store: store.clone(),
                 window: OUTBOX_WINDOW,
             }),
+            refresh: Some(status_refresh_rx),
         }
         .run(stop_drivers.clone()),
     ));
+    drivers.push(tokio::spawn(fleet::telemetry_loop(
+        client.clone(),
+        topics.telemetry(),
+        config.device_id.clone(),
+        telemetry_rx,
+        load_rx_telemetry,
+        metrics.clone(),
+        store.counters.clone(),
+        live.clone(),
+        stop_drivers.clone(),
+    )));
+    if let Some(f) = fleet {
+        let (fclient, feventloop) = mqtt::connect(&config.mqtt, mqtt::Session::Fleet, 64);
+        let (docs_tx, docs_rx) = tokio::sync::mpsc::channel(64);
+        let (fleet_connected_tx, _) = watch::channel(false);
+        drivers.push(tokio::spawn(
+            mqtt::Driver {
+                eventloop: feventloop,
+                client: fclient.clone(),
+                filters: f.filters(),
+                on_connect: None,
+                on_stop: None,
+                dispatch: move |m: mqtt::Incoming| {
+                    if docs_tx.try_send(m).is_err() {
+                        tracing::warn!("Too many fleet documents at once; one waits for the broker to send it again.");
+                    }
+                },
+                connected_tx: fleet_connected_tx,
+                backoff: mqtt::Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
+                outbox: None,
+                refresh: None,
+            }
+            .run(stop_drivers.clone()),
+        ));
+        drivers.push(tokio::spawn((*f).run(
+            docs_rx,
+            fclient,
+            stop_drivers.clone(),
+        )));
+    }
     let mut pool_connected = None;
     if let Some(filter) = topics.pool_filter() {
         let (pclient, peventloop) = mqtt::connect(&config.mqtt, mqtt::Session::Pool, capacity);
@@ -327,6 +408,7 @@ pub async fn run(
                 connected_tx: pool_connected_tx,
                 backoff: mqtt::Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
                 outbox: None,
+                refresh: None,
             }
             .run(stop_drivers.clone()),
         ));
@@ -394,4 +476,17 @@ pub async fn run(
     }
     tracing::info!("Agent stopped.");
     Ok(())
+}
+
+/// A fresh directory under the system's temporary directory, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tether-unit-{name}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    #[allow(clippy::expect_used)]
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    dir
 }

@@ -40,7 +40,21 @@ struct Inner {
     outbox_rows: Gauge,
     outbox_dropped: Gauge,
     circuit_open: Gauge,
+    /// Since the last telemetry message.
+    window: std::sync::Mutex<Window>,
 }
+
+/// Latencies per model and requests per route since the window was last taken (telemetry).
+#[derive(Debug, Default, Clone)]
+pub struct Window {
+    /// Milliseconds, the most recent [`WINDOW_SAMPLES`] per model.
+    pub latency_ms: std::collections::BTreeMap<String, Vec<f32>>,
+    /// Requests by route: local, cloud, cache, reject.
+    pub routes: std::collections::BTreeMap<String, u64>,
+}
+
+/// Latencies kept per model per telemetry window (bounds memory at any request rate).
+pub const WINDOW_SAMPLES: usize = 4096;
 
 /// What is read at scrape time.
 #[derive(Debug, Clone, Copy, Default)]
@@ -123,6 +137,7 @@ impl Default for Metrics {
                 outbox_rows,
                 outbox_dropped,
                 circuit_open,
+                window: Default::default(),
             }),
         }
     }
@@ -131,6 +146,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts a request by where it went and why.
     pub fn routed(&self, route: &str, reason: Reason) {
+        *self.window().routes.entry(route.to_owned()).or_default() += 1;
         self.inner
             .routes
             .get_or_create(&vec![
@@ -140,11 +156,28 @@ impl Metrics {
             .inc();
     }
 
-    pub fn latency(&self, route: &str, seconds: f64) {
+    pub fn latency(&self, model: &str, route: &str, seconds: f64) {
+        {
+            let mut w = self.window();
+            let samples = w.latency_ms.entry(model.to_owned()).or_default();
+            if samples.len() >= WINDOW_SAMPLES {
+                samples.remove(0);
+            }
+            samples.push((seconds * 1e3) as f32);
+        }
         self.inner
             .latency
             .get_or_create(&vec![("route".into(), route.into())])
             .observe(seconds);
+    }
+
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.inner.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What was recorded since the last call, and a fresh window.
+    pub fn take_window(&self) -> Window {
+        std::mem::take(&mut *self.window())
     }
 
     /// The text exposition, with the scrape-time values filled in.

@@ -36,6 +36,9 @@ pub enum Session {
     /// broker hands the pool's requests to the others. (A persistent session with a shared
     /// subscription also crashes rumqttd 0.20's router when the client disconnects.)
     Pool,
+    /// Fleet documents (retained, so a clean session loses nothing), the configuration status
+    /// and telemetry, on a connection of their own so a long update never delays requests.
+    Fleet,
 }
 
 /// A request as received, whatever the protocol.
@@ -118,6 +121,7 @@ pub fn connect(cfg: &MqttConfig, session: Session, capacity: usize) -> (Client, 
     let client_id = match session {
         Session::Device { .. } => cfg.client_id.clone(),
         Session::Pool => format!("{}-pool", cfg.client_id),
+        Session::Fleet => format!("{}-fleet", cfg.client_id),
     };
     let persistent = matches!(session, Session::Device { .. });
     // Replies can be as large as requests (a probability map is as big as its image).
@@ -257,6 +261,19 @@ impl Client {
         }
     }
 
+    /// Publishes at QoS 0, not retained, without waiting (telemetry: the next one replaces a
+    /// lost one).
+    pub fn try_publish_volatile(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Client::V5(c) => c
+                .try_publish(topic, QoS5::AtMostOnce, false, payload)
+                .map_err(|e| e.to_string()),
+            Client::V311(c) => c
+                .try_publish(topic, rumqttc::QoS::AtMostOnce, false, payload)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
     /// Acknowledges a request to the broker (a no-op for QoS 0).
     pub fn try_ack(&self, m: &Incoming) -> Result<(), String> {
         match (self, &m.ack) {
@@ -357,11 +374,20 @@ impl EventLoop {
     }
 }
 
-/// A retained message, for the status topic.
-#[derive(Debug, Clone)]
+/// A retained message, for the status topic; its payload is made when it is sent, so it says
+/// what is true then (the models and configuration version a fleet update switched to).
+#[derive(Clone)]
 pub struct Retained {
     pub topic: String,
-    pub payload: Vec<u8>,
+    pub payload: std::sync::Arc<dyn Fn() -> Vec<u8> + Send + Sync>,
+}
+
+impl std::fmt::Debug for Retained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retained")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling up to the cap.
@@ -419,6 +445,8 @@ pub struct Driver<D> {
     pub backoff: Backoff,
     /// Publish the outbox on this connection.
     pub outbox: Option<OutboxFeed>,
+    /// Publish `on_connect` again whenever this changes (the status after a fleet update).
+    pub refresh: Option<watch::Receiver<u64>>,
 }
 
 impl<D> std::fmt::Debug for Driver<D> {
@@ -524,6 +552,7 @@ impl<D: FnMut(Incoming)> Driver<D> {
             connected_tx,
             mut backoff,
             outbox,
+            mut refresh,
         } = self;
         let mut publisher = outbox.map(|feed| Publisher {
             watermark: feed.store.watermark(),
@@ -547,12 +576,33 @@ impl<D: FnMut(Incoming)> Driver<D> {
                 () = stop.cancelled(), if !stopping => {
                     stopping = true;
                     if let Some(status) = &on_stop
-                        && client.try_publish_retained(&status.topic, status.payload.clone()).is_ok()
+                        && client.try_publish_retained(&status.topic, (status.payload)()).is_ok()
                         && let Some(p) = publisher.as_mut()
                     {
                         p.cursor.sent(InFlight::Other);
                     }
                     client.try_disconnect();
+                    continue;
+                }
+                changed = async {
+                    match refresh.as_mut() {
+                        Some(r) => r.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match changed {
+                        Ok(()) => {
+                            if online
+                                && !stopping
+                                && let Some(status) = &on_connect
+                                && client.try_publish_retained(&status.topic, (status.payload)()).is_ok()
+                                && let Some(p) = publisher.as_mut()
+                            {
+                                p.cursor.sent(InFlight::Other);
+                            }
+                        }
+                        Err(_) => refresh = None,
+                    }
                     continue;
                 }
                 event = next_feed_event(&mut publisher, online && !stopping) => {
@@ -584,7 +634,7 @@ impl<D: FnMut(Incoming)> Driver<D> {
                         tracing::error!(error = %e, "Could not queue the subscriptions.");
                     }
                     if let Some(status) = &on_connect {
-                        match client.try_publish_retained(&status.topic, status.payload.clone()) {
+                        match client.try_publish_retained(&status.topic, (status.payload)()) {
                             Ok(()) => {
                                 if let Some(p) = publisher.as_mut() {
                                     p.cursor.sent(InFlight::Other);

@@ -97,6 +97,11 @@ impl Topics {
         format!("{}/{}/status", self.prefix, self.device_id)
     }
 
+    /// Where telemetry goes.
+    pub fn telemetry(&self) -> String {
+        format!("{}/{}/telemetry", self.prefix, self.device_id)
+    }
+
     /// Where a reply goes when the request names no reply topic.
     pub fn default_reply(&self, model: &str) -> String {
         format!("{}/{}/result/{model}", self.prefix, self.device_id)

@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use models::Engine;
 use models::engine::LoadedModel;
 use models::v2::{InferenceRequest, InferenceResponse};
 use serde_json::{Value, json};
@@ -28,8 +27,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::cloud::{Cloud, CloudError};
-use crate::config::{CacheConfig, HistoryConfig, HistoryInputs, InferenceConfig, PolicyConfig};
+use crate::config::{HistoryConfig, HistoryInputs, InferenceConfig};
 use crate::infer::run_decoded;
+use crate::live::{Live, Settings};
 use crate::monitor::Load;
 use crate::mqtt::{Client, Incoming};
 use crate::policy::{self, Reason, Relay, Route, Signals};
@@ -111,6 +111,8 @@ pub struct Job {
 #[derive(Debug)]
 struct Prepared {
     request: InferenceRequest,
+    /// The model it runs on, fixed at admission: a model switched meanwhile does not matter.
+    model: Arc<LoadedModel>,
     inputs: Vec<models::Tensor>,
     /// The cache key and how long a result stays, when the result is to be cached.
     cache: Option<(cache::CacheKey, Duration)>,
@@ -164,7 +166,10 @@ impl ServiceTimes {
 /// What routing needs, shared by the intakes and the workers.
 #[derive(Debug, Clone)]
 pub struct Routing {
-    pub policy: PolicyConfig,
+    /// The models, policy and cache rules in force (the fleet may switch them).
+    pub live: Live,
+    /// Local runs since start, for the fleet's health check after a switch.
+    pub health: Arc<RunCounters>,
     pub cloud: Option<Cloud>,
     pub load_rx: watch::Receiver<Load>,
     pub times: Arc<ServiceTimes>,
@@ -180,6 +185,28 @@ impl Routing {
             Some(c) => c.relay_signal(model, Instant::now()),
             None => Relay::None,
         }
+    }
+}
+
+/// Local model runs that answered and that failed, counted since start.
+#[derive(Debug, Default)]
+pub struct RunCounters {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+impl RunCounters {
+    fn count(&self, ok: bool) {
+        let c = if ok { &self.ok } else { &self.failed };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (answered, failed) so far.
+    pub fn read(&self) -> (usize, usize) {
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -206,8 +233,6 @@ pub struct Intake {
 /// What the front stage needs to parse requests and answer from the cache.
 #[derive(Debug)]
 struct FrontContext {
-    engine: Engine,
-    cache: CacheConfig,
     top_k: usize,
 }
 
@@ -268,7 +293,9 @@ impl Intake {
             received,
             ..
         } = a;
-        let prepared = match self.prepare(&publish.payload, &model) {
+        // One snapshot of the live settings for the whole admission.
+        let settings = self.routing.live.get();
+        let prepared = match self.prepare(&settings, &publish.payload, &model) {
             Ok(p) => p,
             Err((code, error, id)) => {
                 let route = early_route(&self.topics, &publish, &model);
@@ -293,7 +320,7 @@ impl Intake {
         let budget = match (budget_param, publish.expiry_secs) {
             (Some(ms), _) if ms.is_finite() && ms > 0.0 => Duration::from_secs_f64(ms / 1e3),
             (_, Some(secs)) if secs > 0 => Duration::from_secs(u64::from(secs)),
-            _ => self.routing.policy.budget_for(&model),
+            _ => settings.policy.budget_for(&model),
         };
         let route = reply_route(
             publish.response_topic.as_deref(),
@@ -351,7 +378,7 @@ impl Intake {
             .saturating_duration_since(Instant::now())
             .as_secs_f64()
             * 1e3;
-        let decision = policy::decide(&self.routing.policy.policy, &signals, left_ms);
+        let decision = policy::decide(&settings.policy.policy, &signals, left_ms);
         let job = Job {
             reason: decision.reason,
             ..job
@@ -385,6 +412,7 @@ impl Intake {
     #[allow(clippy::type_complexity)]
     fn prepare(
         &self,
+        settings: &Settings,
         payload: &[u8],
         model_name: &str,
     ) -> Result<Prepared, (ErrorCode, String, Option<String>)> {
@@ -392,7 +420,7 @@ impl Intake {
             .map_err(|e| (ErrorCode::BadRequest, e.to_string(), None))?;
         let fail =
             |e: models::ModelError| (ErrorCode::from(e.code()), e.to_string(), request.id.clone());
-        let model = self.front.engine.model(model_name).map_err(fail)?;
+        let model = settings.engine.model(model_name).map_err(fail)?.clone();
         let inputs = request.decode_inputs(model.max_elements()).map_err(fail)?;
         let bypass = request
             .parameters
@@ -400,8 +428,7 @@ impl Intake {
             .and_then(|p| p.get("cache"))
             .and_then(Value::as_bool)
             == Some(false);
-        let cache = self
-            .front
+        let cache = settings
             .cache
             .ttl_for(model.name())
             .filter(|_| !bypass)
@@ -422,6 +449,7 @@ impl Intake {
             });
         Ok(Prepared {
             request,
+            model,
             inputs,
             cache,
         })
@@ -692,7 +720,7 @@ fn finish_response(
         params.insert("queue_ms".into(), json!(round3(q)));
     }
     let latency = job.received.elapsed().as_secs_f64();
-    metrics.latency(route, latency);
+    metrics.latency(&job.model, route, latency);
     params.insert("latency_ms".into(), json!(round3(latency * 1e3)));
     params.insert("budget_ms".into(), json!(job.budget.as_millis() as u64));
     if let Some(v) = &response.model_version {
@@ -743,9 +771,7 @@ pub struct WorkerContext {
     pub device_id: String,
     pub topics: Topics,
     pub top_k: usize,
-    pub engine: Engine,
     pub store: StoreHandle,
-    pub cache: CacheConfig,
     pub history: HistoryConfig,
     pub routing: Routing,
     /// See `inference.emulated_service_ms`.
@@ -766,8 +792,6 @@ impl Pipeline {
         let front_closing = closing.clone();
         let mut workers = Vec::with_capacity(cfg.workers + 1);
         let front = Arc::new(FrontContext {
-            engine: context.engine.clone(),
-            cache: context.cache.clone(),
             top_k: context.top_k,
         });
         // The front stage: parsing, the cache and routing, on a thread of its own so that
@@ -981,17 +1005,20 @@ impl Worker {
     fn process(&self, job: &Job) -> Outcome {
         let queue_ms = job.received.elapsed().as_secs_f64() * 1e3;
         let result = self
-            .cx
-            .engine
-            .model(&job.model)
-            .and_then(|model| self.answer(model, &job.prepared))
+            .answer(&job.prepared.model, &job.prepared)
             .map_err(|e| (ErrorCode::from(e.code()), e.to_string()));
+        self.cx.routing.health.count(result.is_ok());
         match result {
             Ok(response) => {
-                self.maybe_record(&job.publish.payload, &response, "local");
+                self.maybe_record(
+                    &job.prepared.model,
+                    &job.publish.payload,
+                    &response,
+                    "local",
+                );
                 let routing = &self.cx.routing;
                 let top1 = top1(&response);
-                let threshold = routing.policy.escalate_below(&job.model);
+                let threshold = routing.live.get().policy.escalate_below(&job.model);
                 let remaining_ms = job
                     .deadline
                     .saturating_duration_since(Instant::now())
@@ -1073,14 +1100,17 @@ impl Worker {
     }
 
     /// Records the request in the history, if it is sampled.
-    fn maybe_record(&self, payload: &[u8], response: &InferenceResponse, route: &str) {
+    fn maybe_record(
+        &self,
+        model: &LoadedModel,
+        payload: &[u8],
+        response: &InferenceResponse,
+        route: &str,
+    ) {
         let h = &self.cx.history;
         if h.sample <= 0.0 || fastrand::f64() >= h.sample {
             return;
         }
-        let Ok(model) = self.cx.engine.model(&response.model_name) else {
-            return;
-        };
         let confidence = top1(response);
         self.cx.store.record(HistoryRecord {
             ts_ms: now_ms(),

@@ -97,9 +97,47 @@ impl EngineConfig {
         }
         Ok(Engine { manifest, models })
     }
+
+    /// Loads one model from a file that need not be in the manifest's directory (a model
+    /// update downloaded by the agent): `variant.file` may be an absolute path, and its sha256
+    /// is checked against `variant.sha256`.
+    pub fn load_model(
+        &self,
+        manifest: &Manifest,
+        spec: &ModelSpec,
+        variant: &VariantSpec,
+    ) -> Result<Arc<LoadedModel>> {
+        let loaded = LoadedModel::load(
+            manifest,
+            spec,
+            variant,
+            self.max_elements,
+            self.runtime.clone(),
+        )?;
+        Ok(Arc::new(loaded))
+    }
 }
 
 impl Engine {
+    /// A copy of this engine with some models replaced, added (`Some`) or removed (`None`).
+    /// Models in use elsewhere stay alive until their last user lets go.
+    pub fn with_changes(
+        &self,
+        changes: impl IntoIterator<Item = (String, Option<Arc<LoadedModel>>)>,
+    ) -> Engine {
+        let mut models = self.models.clone();
+        for (name, model) in changes {
+            match model {
+                Some(m) => models.insert(name, m),
+                None => models.remove(&name),
+            };
+        }
+        Engine {
+            manifest: self.manifest.clone(),
+            models,
+        }
+    }
+
     /// The model of that name.
     pub fn model(&self, name: &str) -> Result<&Arc<LoadedModel>> {
         self.models

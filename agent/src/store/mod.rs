@@ -75,6 +75,27 @@ pub struct Counters {
     pub writes: AtomicU64,
 }
 
+/// One fleet document source's saved state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetRow {
+    /// `device` or `group/NAME`.
+    pub source: String,
+    /// The highest version taken from it.
+    pub seen: i64,
+    /// The version in the last good configuration, and its signed envelope.
+    pub good_version: Option<i64>,
+    pub envelope: Option<Vec<u8>>,
+}
+
+/// Bounds of the cache and the outbox that a fleet update may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub cache_max_rows: u64,
+    pub cache_max_bytes: u64,
+    pub outbox_max_rows: u64,
+    pub outbox_max_bytes: u64,
+}
+
 /// A sampled request and its result, for the history table.
 #[derive(Debug, Clone)]
 pub struct HistoryRecord {
@@ -164,6 +185,14 @@ enum Command {
     Flush {
         reply: flume::Sender<()>,
     },
+    FleetSave {
+        rows: Vec<FleetRow>,
+        reply: flume::Sender<Result<(), StoreError>>,
+    },
+    FleetLoad {
+        reply: flume::Sender<Result<Vec<FleetRow>, StoreError>>,
+    },
+    SetLimits(Limits),
     Stop {
         reply: flume::Sender<()>,
     },
@@ -513,6 +542,34 @@ impl StoreHandle {
         rx.recv_async().await.map_err(|_| StoreError::Stopped)?
     }
 
+    /// Replaces the fleet's saved state; returns once it is committed.
+    pub async fn fleet_save(&self, rows: Vec<FleetRow>) -> Result<(), StoreError> {
+        let (reply, rx) = flume::bounded(1);
+        self.commands_tx
+            .send_async(Command::FleetSave { rows, reply })
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        rx.recv_async().await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// The fleet's saved state.
+    pub async fn fleet_load(&self) -> Result<Vec<FleetRow>, StoreError> {
+        let (reply, rx) = flume::bounded(1);
+        self.commands_tx
+            .send_async(Command::FleetLoad { reply })
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        rx.recv_async().await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// New bounds for the cache and the outbox (a fleet update); applied at once.
+    pub async fn set_limits(&self, limits: Limits) {
+        let _ = self
+            .commands_tx
+            .send_async(Command::SetLimits(limits))
+            .await;
+    }
+
     /// Waits until everything sent before is committed.
     pub async fn flush(&self) {
         let (reply, rx) = flume::bounded(1);
@@ -575,6 +632,7 @@ fn lock(index: &KeyIndex) -> std::sync::MutexGuard<'_, HashSet<CacheKey>> {
 enum After {
     Appended(Done, i64),
     Flushed(flume::Sender<()>),
+    Saved(flume::Sender<Result<(), StoreError>>),
 }
 
 impl Worker {
@@ -801,6 +859,40 @@ impl Worker {
                         let _ = reply.send(self.state.report(&tx).map_err(Into::into));
                     }
                     Command::Flush { reply } => after.push(After::Flushed(reply)),
+                    Command::FleetSave { rows, reply } => {
+                        tx.execute(schema::FLEET_CLEAR, [])?;
+                        for r in &rows {
+                            tx.execute(
+                                schema::FLEET_PUT,
+                                params![r.source, r.seen, r.good_version, r.envelope, now_ms()],
+                            )?;
+                        }
+                        writes += 1;
+                        after.push(After::Saved(reply));
+                    }
+                    Command::FleetLoad { reply } => {
+                        let rows = tx
+                            .prepare(schema::FLEET_ALL)?
+                            .query_map([], |r| {
+                                Ok(FleetRow {
+                                    source: r.get(0)?,
+                                    seen: r.get(1)?,
+                                    good_version: r.get(2)?,
+                                    envelope: r.get(3)?,
+                                })
+                            })?
+                            .collect::<Result<Vec<_>, _>>();
+                        let _ = reply.send(rows.map_err(Into::into));
+                    }
+                    Command::SetLimits(l) => {
+                        let c = &mut self.state.cfg;
+                        (c.cache.max_rows, c.cache.max_bytes) =
+                            (l.cache_max_rows, l.cache_max_bytes);
+                        (c.outbox.max_rows, c.outbox.max_bytes) =
+                            (l.outbox_max_rows, l.outbox_max_bytes);
+                        appended = true;
+                        cached = true;
+                    }
                     Command::Stop { reply } => stop = Some(reply),
                 }
             }
@@ -850,6 +942,9 @@ impl Worker {
                         After::Flushed(reply) => {
                             let _ = reply.send(());
                         }
+                        After::Saved(reply) => {
+                            let _ = reply.send(Ok(()));
+                        }
                     }
                 }
             }
@@ -862,6 +957,9 @@ impl Worker {
                         After::Appended(done, _) => done(Err(err.clone())),
                         After::Flushed(reply) => {
                             let _ = reply.send(());
+                        }
+                        After::Saved(reply) => {
+                            let _ = reply.send(Err(err.clone()));
                         }
                     }
                 }

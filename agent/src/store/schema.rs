@@ -44,7 +44,24 @@ pub const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
     ) WITHOUT ROWID;
     ",
+    // 2: fleet documents: per source, the highest version taken (no replay after a reboot)
+    // and the signed envelope of the last good configuration (a reboot without a broker comes
+    // back on it).
+    "
+    CREATE TABLE fleet_state (
+        source       TEXT PRIMARY KEY,
+        seen         INTEGER NOT NULL,
+        good_version INTEGER,
+        envelope     BLOB,
+        saved_ms     INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    ",
 ];
+
+pub const FLEET_CLEAR: &str = "DELETE FROM fleet_state";
+pub const FLEET_PUT: &str = "INSERT INTO fleet_state (source, seen, good_version, envelope, saved_ms) VALUES (?1, ?2, ?3, ?4, ?5)";
+pub const FLEET_ALL: &str =
+    "SELECT source, seen, good_version, envelope FROM fleet_state ORDER BY source";
 
 pub const CACHE_GET: &str = "SELECT value, expires_ms FROM cache WHERE key = ?1";
 pub const CACHE_TOUCH: &str = "UPDATE cache SET used_ms = ?2 WHERE key = ?1";

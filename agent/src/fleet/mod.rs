@@ -1,0 +1,714 @@
+//! Fleet management: signed, versioned configuration and model updates over MQTT, with
+//! acknowledgement, automatic rollback, persistence of the last good configuration, telemetry,
+//! and the operator's side (`tether-agent fleet keygen | sign | push | status`).
+//!
+//! An update goes: envelope checked (`envelope`), document parsed and its version checked
+//! against the highest taken from that source, documents merged and validated (`doc`), model
+//! files fetched and verified (`download`), models loaded — and only then the switch, one
+//! pointer swap (`crate::live`). The first local runs after it are the health check (`health`);
+//! if they fail, the previous settings come back. Every outcome is published, retained, on
+//! `{prefix}/{device_id}/config/status`.
+
+pub mod doc;
+pub mod download;
+pub mod envelope;
+pub mod health;
+pub mod operator;
+pub mod telemetry;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use models::manifest::{Variant, VariantSpec};
+use models::{Engine, EngineConfig};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, RawConfig};
+use crate::live::{Live, Settings};
+use crate::mqtt::{Client, Incoming};
+use crate::serve::RunCounters;
+use crate::store::{FleetRow, Limits, StoreHandle, now_ms};
+use doc::{Desired, DocTopics, Document, Source};
+use download::Fetcher;
+use envelope::TrustedKeys;
+use health::{HealthRule, Verdict};
+
+/// Why a document was not applied, with the sentence its sender reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    NotSigned(String),
+    UnknownKey(String),
+    BadSignature(String),
+    BadDocument(String),
+    /// At or below the version already taken, and not a rollback.
+    Stale(String),
+    Invalid(String),
+    Download(String),
+    Checksum(String),
+    NoSpace(String),
+    /// A new model would not load: the device stays on what it ran.
+    LoadFailed(String),
+    /// The health check failed after the switch: the device went back.
+    Unhealthy(String),
+}
+
+impl Rejection {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::NotSigned(_) => "not_signed",
+            Rejection::UnknownKey(_) => "unknown_key",
+            Rejection::BadSignature(_) => "bad_signature",
+            Rejection::BadDocument(_) => "bad_document",
+            Rejection::Stale(_) => "stale_version",
+            Rejection::Invalid(_) => "invalid",
+            Rejection::Download(_) => "download_failed",
+            Rejection::Checksum(_) => "checksum_mismatch",
+            Rejection::NoSpace(_) => "no_space",
+            Rejection::LoadFailed(_) => "model_load_failed",
+            Rejection::Unhealthy(_) => "unhealthy",
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Rejection::NotSigned(m)
+            | Rejection::UnknownKey(m)
+            | Rejection::BadSignature(m)
+            | Rejection::BadDocument(m)
+            | Rejection::Stale(m)
+            | Rejection::Invalid(m)
+            | Rejection::Download(m)
+            | Rejection::Checksum(m)
+            | Rejection::NoSpace(m)
+            | Rejection::LoadFailed(m)
+            | Rejection::Unhealthy(m) => m,
+        }
+    }
+
+    /// The health check failed (at load or after the switch): reported as `rolled_back`, and
+    /// the version counts as taken so a retained copy is not tried again.
+    fn is_health(&self) -> bool {
+        matches!(self, Rejection::LoadFailed(_) | Rejection::Unhealthy(_))
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+/// The outcome of one document, as published on the status topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Applied,
+    Rejected,
+    RolledBack,
+}
+
+/// A status message.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub device_id: String,
+    pub source: Option<String>,
+    pub version: Option<u64>,
+    pub state: State,
+    pub code: Option<&'static str>,
+    pub error: Option<String>,
+    /// The configuration in force after this outcome.
+    pub config_version: Option<String>,
+    pub ts_ms: i64,
+}
+
+/// Changes the process's log filter (set up by `main`); tests run without one.
+pub type LogControl = Arc<dyn Fn(Option<&str>) -> Result<(), String> + Send + Sync>;
+
+/// A document in force, with the envelope it came in.
+#[derive(Debug, Clone)]
+struct Held {
+    doc: Document,
+    envelope: Vec<u8>,
+}
+
+/// A switch whose health check is running.
+#[derive(Debug)]
+struct Pending {
+    source: Source,
+    version: u64,
+    since: Instant,
+    runs_at_switch: (usize, usize),
+    previous: Arc<Settings>,
+    previous_desired: Option<Desired>,
+    previous_docs: BTreeMap<Source, Held>,
+}
+
+/// What the fleet task needs from the rest of the agent.
+pub struct FleetContext {
+    /// The local configuration (agent.toml), as loaded.
+    pub config: Config,
+    pub base_raw: RawConfig,
+    pub keys: TrustedKeys,
+    pub topics: DocTopics,
+    pub live: Live,
+    /// The zoo's models as loaded at start: what a document that names no model runs.
+    pub base_engine: Engine,
+    pub engine_config: EngineConfig,
+    pub store: StoreHandle,
+    pub fetcher: Fetcher,
+    pub runs: Arc<RunCounters>,
+    pub health: HealthRule,
+    pub telemetry_interval: watch::Sender<Duration>,
+    /// Bumped after every switch: the device's retained status is published again.
+    pub status_refresh: watch::Sender<u64>,
+    pub log: Option<LogControl>,
+}
+
+impl std::fmt::Debug for FleetContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetContext")
+            .field("topics", &self.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The fleet task's state.
+#[derive(Debug)]
+pub struct Fleet {
+    cx: FleetContext,
+    in_force: BTreeMap<Source, Held>,
+    good: BTreeMap<Source, Held>,
+    seen: BTreeMap<Source, u64>,
+    /// The last payload per source that was applied or failed its health check: a retained
+    /// copy of it arriving again (every reconnection) is not news.
+    settled: BTreeMap<Source, Vec<u8>>,
+    desired: Option<Desired>,
+    pending: Option<Pending>,
+}
+
+impl Fleet {
+    pub fn new(cx: FleetContext) -> Fleet {
+        Fleet {
+            cx,
+            in_force: BTreeMap::new(),
+            good: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            settled: BTreeMap::new(),
+            desired: None,
+            pending: None,
+        }
+    }
+
+    /// The document topics to subscribe to.
+    pub fn filters(&self) -> Vec<String> {
+        self.cx.topics.filters()
+    }
+
+    /// Comes back on the last good configuration saved in the database (before serving, so
+    /// a reboot without a broker runs what the fleet last set).
+    pub async fn restore(&mut self) {
+        let rows = match self.cx.store.fleet_load().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot read the saved fleet configuration; running on agent.toml.");
+                return;
+            }
+        };
+        for row in rows {
+            let Some(source) = Source::from_label(&row.source) else {
+                continue;
+            };
+            self.seen
+                .insert(source.clone(), u64::try_from(row.seen).unwrap_or(0));
+            let Some(envelope) = row.envelope else {
+                continue;
+            };
+            let opened = self
+                .cx
+                .keys
+                .open(&envelope)
+                .and_then(|p| Document::parse(&p));
+            match opened {
+                Ok(doc) => {
+                    self.good.insert(source, Held { doc, envelope });
+                }
+                Err(e) => {
+                    tracing::warn!(source = %row.source, error = %e, "A saved fleet document no longer verifies (was its key removed?); leaving it out.")
+                }
+            }
+        }
+        if self.good.is_empty() {
+            return;
+        }
+        let docs = self.good.clone();
+        match self.build(&docs).await {
+            Ok((settings, desired)) => {
+                let version = settings.config_version.clone();
+                self.switch(settings, &desired);
+                self.desired = Some(desired);
+                self.in_force = docs;
+                tracing::info!(config_version = ?version, "Running the last good fleet configuration, from the database.");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "The saved fleet configuration cannot be applied; running on agent.toml until the next update.");
+            }
+        }
+    }
+
+    /// The configuration version label of a set of documents: `group/lab@3 device@7`.
+    fn label(&self, docs: &BTreeMap<Source, Held>) -> Option<String> {
+        let mut v: Vec<_> = docs.iter().collect();
+        v.sort_by_key(|(s, _)| self.cx.topics.rank(s));
+        let parts: Vec<String> = v
+            .iter()
+            .map(|(s, h)| format!("{}@{}", s.label(), h.doc.version))
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(" "))
+    }
+
+    /// Validates `docs`, fetches and loads their models: everything short of the switch.
+    async fn build(&self, docs: &BTreeMap<Source, Held>) -> Result<(Settings, Desired), Rejection> {
+        let mut ordered: Vec<(&Source, &Held)> = docs.iter().collect();
+        ordered.sort_by_key(|(s, _)| self.cx.topics.rank(s));
+        let list: Vec<&Document> = ordered.iter().map(|(_, h)| &h.doc).collect();
+        let desired = doc::desired(
+            &self.cx.base_raw,
+            &self.cx.config.device_id,
+            &list,
+            self.cx.base_engine.manifest(),
+        )?;
+        let current = self.cx.live.get();
+        let mut changes = Vec::new();
+        for (name, entry) in &desired.models {
+            let Some(update) = entry else {
+                changes.push((name.clone(), None));
+                continue;
+            };
+            let same = |e: &Engine| {
+                e.model(name)
+                    .ok()
+                    .filter(|m| m.sha256().eq_ignore_ascii_case(&update.sha256))
+                    .cloned()
+            };
+            if let Some(m) = same(&current.engine).or_else(|| same(&self.cx.base_engine)) {
+                changes.push((name.clone(), Some(m)));
+                continue;
+            }
+            let path = self.cx.fetcher.fetch(name, update).await?;
+            let mut spec = match &update.spec {
+                Some(s) => s.clone(),
+                None => self
+                    .cx
+                    .base_engine
+                    .manifest()
+                    .model(name)
+                    .map_err(|e| Rejection::Invalid(e.to_string()))?
+                    .clone(),
+            };
+            spec.version = update.version.clone();
+            let variant = VariantSpec {
+                variant: Variant::Device,
+                file: path.to_string_lossy().into_owned(),
+                sha256: update.sha256.to_lowercase(),
+                bytes: std::fs::metadata(&path).map_or(0, |m| m.len()),
+                precision: spec
+                    .variant(Variant::Device)
+                    .map_or_else(|| "unknown".to_owned(), |v| v.precision.clone()),
+                parameters: None,
+                test_accuracy: None,
+            };
+            spec.variants = vec![variant.clone()];
+            let engine_config = self.cx.engine_config.clone();
+            let manifest = self.cx.base_engine.manifest().clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                engine_config.load_model(&manifest, &spec, &variant)
+            })
+            .await
+            .map_err(|e| Rejection::LoadFailed(e.to_string()))?
+            .map_err(|e| {
+                Rejection::LoadFailed(format!(
+                    "model `{name}` version {} failed its health check: it does not load ({e}); the previous configuration keeps serving",
+                    update.version
+                ))
+            })?;
+            tracing::info!(model = %name, version = %update.version, "New model loaded.");
+            changes.push((name.clone(), Some(loaded)));
+        }
+        let settings = Settings {
+            engine: self.cx.base_engine.with_changes(changes),
+            policy: desired.config.policy.clone(),
+            cache: desired.config.store.cache.clone(),
+            config_version: self.label(docs),
+        };
+        Ok((settings, desired))
+    }
+
+    /// Puts settings in force, with everything that is not read per request.
+    fn switch(&self, settings: Settings, desired: &Desired) {
+        self.switch_arc(Arc::new(settings), Some(desired));
+    }
+
+    fn switch_arc(&self, settings: Arc<Settings>, desired: Option<&Desired>) {
+        self.cx.live.set_arc(settings);
+        let config = desired.map_or(&self.cx.config, |d| &d.config);
+        let (c, o) = (&config.store.cache, &config.store.outbox);
+        let store = self.cx.store.clone();
+        let limits = Limits {
+            cache_max_rows: c.max_rows,
+            cache_max_bytes: c.max_bytes,
+            outbox_max_rows: o.max_rows,
+            outbox_max_bytes: o.max_bytes,
+        };
+        tokio::spawn(async move { store.set_limits(limits).await });
+        let interval = desired
+            .and_then(|d| d.telemetry_interval)
+            .unwrap_or(self.cx.config.fleet.telemetry_interval);
+        self.cx.telemetry_interval.send_replace(interval);
+        if let Some(log) = &self.cx.log
+            && let Err(e) = log(desired.and_then(|d| d.log_level.as_deref()))
+        {
+            tracing::warn!(error = %e, "Cannot change the log level.");
+        }
+        self.cx.status_refresh.send_modify(|n| *n += 1);
+    }
+
+    fn status(
+        &self,
+        source: Option<&Source>,
+        version: Option<u64>,
+        outcome: Result<(), &Rejection>,
+    ) -> Status {
+        let (state, code, error) = match outcome {
+            Ok(()) => (State::Applied, None, None),
+            Err(r) if r.is_health() => (
+                State::RolledBack,
+                Some(r.code()),
+                Some(r.message().to_owned()),
+            ),
+            Err(r) => (
+                State::Rejected,
+                Some(r.code()),
+                Some(r.message().to_owned()),
+            ),
+        };
+        Status {
+            device_id: self.cx.config.device_id.clone(),
+            source: source.map(Source::label),
+            version,
+            state,
+            code,
+            error,
+            config_version: self.cx.live.get().config_version.clone(),
+            ts_ms: now_ms(),
+        }
+    }
+
+    /// One message from a document topic; `None` when there is nothing to report (a retained
+    /// copy of what is already in force, or a cleared topic).
+    pub async fn handle(&mut self, topic: &str, payload: &[u8]) -> Option<Status> {
+        let source = self.cx.topics.source_of(topic)?;
+        if payload.is_empty() {
+            tracing::info!(source = %source.label(), "A fleet document topic was cleared; the configuration in force stays (publish a new version to change it).");
+            return None;
+        }
+        if self.settled.get(&source).is_some_and(|p| p == payload)
+            || self
+                .in_force
+                .get(&source)
+                .is_some_and(|h| h.envelope == payload)
+        {
+            return None;
+        }
+        // A new document while a health check runs: judge the last switch on what ran so far.
+        self.settle(true).await;
+        let opened = self.cx.keys.open(payload).and_then(|p| Document::parse(&p));
+        let doc = match opened {
+            Ok(d) => d,
+            Err(r) => {
+                tracing::warn!(source = %source.label(), code = r.code(), error = %r, "Fleet document rejected.");
+                return Some(self.status(Some(&source), None, Err(&r)));
+            }
+        };
+        let version = doc.version;
+        let seen = self.seen.get(&source).copied().unwrap_or(0);
+        if version <= seen && !doc.rollback {
+            let r = Rejection::Stale(format!(
+                "version {version} from {} is not newer than version {seen}, already taken; to go back, sign a document with \"rollback\": true",
+                source.label()
+            ));
+            tracing::warn!(code = r.code(), error = %r, "Fleet document rejected.");
+            return Some(self.status(Some(&source), Some(version), Err(&r)));
+        }
+        let mut candidate = self.in_force.clone();
+        candidate.insert(
+            source.clone(),
+            Held {
+                doc,
+                envelope: payload.to_vec(),
+            },
+        );
+        tracing::info!(source = %source.label(), version, "Applying a fleet document.");
+        match self.build(&candidate).await {
+            Ok((settings, desired)) => {
+                let previous = self.cx.live.get();
+                self.switch(settings, &desired);
+                let previous_desired = self.desired.replace(desired);
+                let previous_docs = std::mem::replace(&mut self.in_force, candidate);
+                self.seen.insert(source.clone(), version);
+                self.settled.insert(source.clone(), payload.to_vec());
+                self.pending = Some(Pending {
+                    source: source.clone(),
+                    version,
+                    since: Instant::now(),
+                    runs_at_switch: self.cx.runs.read(),
+                    previous,
+                    previous_desired,
+                    previous_docs,
+                });
+                self.save().await;
+                tracing::info!(source = %source.label(), version, config_version = ?self.cx.live.get().config_version, "Fleet configuration applied; health check running.");
+                Some(self.status(Some(&source), Some(version), Ok(())))
+            }
+            Err(r) => {
+                if r.is_health() {
+                    self.seen.insert(source.clone(), version);
+                    self.settled.insert(source.clone(), payload.to_vec());
+                    self.save().await;
+                }
+                tracing::warn!(source = %source.label(), version, code = r.code(), error = %r, "Fleet document not applied; the configuration in force keeps serving.");
+                Some(self.status(Some(&source), Some(version), Err(&r)))
+            }
+        }
+    }
+
+    /// Judges a running health check; `now` judges it on what ran so far.
+    pub async fn settle(&mut self, now: bool) -> Option<Status> {
+        let p = self.pending.as_ref()?;
+        let (ok, failed) = self.cx.runs.read();
+        let (ok, failed) = (ok - p.runs_at_switch.0, failed - p.runs_at_switch.1);
+        let elapsed = if now {
+            self.cx.health.window
+        } else {
+            p.since.elapsed()
+        };
+        match health::verdict(&self.cx.health, ok, failed, elapsed) {
+            Verdict::Pending => None,
+            Verdict::Healthy => {
+                let old_good = std::mem::replace(&mut self.good, self.in_force.clone());
+                self.pending = None;
+                self.save().await;
+                let mut keep = model_files(&self.cx.fetcher, &self.good);
+                keep.extend(model_files(&self.cx.fetcher, &old_good));
+                self.cx.fetcher.prune(&keep);
+                tracing::info!(ok, failed, config_version = ?self.cx.live.get().config_version, "Fleet configuration healthy; saved as the last good one.");
+                None
+            }
+            Verdict::Unhealthy => {
+                let p = self.pending.take()?;
+                self.switch_arc(p.previous.clone(), p.previous_desired.as_ref());
+                self.desired = p.previous_desired;
+                self.in_force = p.previous_docs;
+                let r = Rejection::Unhealthy(format!(
+                    "version {} from {} failed its health check: {failed} of the first {} local runs failed (more than {:.0} % allowed); back on the last good configuration",
+                    p.version,
+                    p.source.label(),
+                    ok + failed,
+                    self.cx.health.max_error_rate * 100.0
+                ));
+                tracing::error!(error = %r, "Fleet configuration rolled back.");
+                Some(self.status(Some(&p.source), Some(p.version), Err(&r)))
+            }
+        }
+    }
+
+    async fn save(&self) {
+        let mut rows: BTreeMap<Source, FleetRow> = BTreeMap::new();
+        for (s, v) in &self.seen {
+            rows.insert(
+                s.clone(),
+                FleetRow {
+                    source: s.label(),
+                    seen: i64::try_from(*v).unwrap_or(i64::MAX),
+                    good_version: None,
+                    envelope: None,
+                },
+            );
+        }
+        for (s, h) in &self.good {
+            let row = rows.entry(s.clone()).or_insert_with(|| FleetRow {
+                source: s.label(),
+                seen: 0,
+                good_version: None,
+                envelope: None,
+            });
+            row.good_version = i64::try_from(h.doc.version).ok();
+            row.envelope = Some(h.envelope.clone());
+        }
+        if let Err(e) = self.cx.store.fleet_save(rows.into_values().collect()).await {
+            tracing::error!(error = %e, "Cannot save the fleet configuration; after a restart the agent may come back on an older one.");
+        }
+    }
+
+    /// Runs until `stop`: takes documents in order, acknowledges each once handled, publishes
+    /// each outcome, and watches health checks.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Incoming>,
+        client: Client,
+        stop: CancellationToken,
+    ) {
+        let status_topic =
+            DocTopics::status(&self.cx.config.topic_prefix, &self.cx.config.device_id);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            let status = tokio::select! {
+                () = stop.cancelled() => return,
+                m = rx.recv() => {
+                    let Some(m) = m else { return };
+                    let topic = String::from_utf8_lossy(&m.topic).into_owned();
+                    let s = self.handle(&topic, &m.payload).await;
+                    if let Err(e) = client.try_ack(&m) {
+                        tracing::warn!(error = %e, "Cannot acknowledge a fleet document; the broker will send it again.");
+                    }
+                    s
+                }
+                _ = tick.tick() => self.settle(false).await,
+            };
+            if let Some(s) = status
+                && let Ok(body) = serde_json::to_vec(&s)
+                && let Err(e) = client.try_publish_retained(&status_topic, body)
+            {
+                tracing::warn!(error = %e, "Cannot publish the configuration status.");
+            }
+        }
+    }
+}
+
+/// The model files a set of documents uses.
+fn model_files(fetcher: &Fetcher, docs: &BTreeMap<Source, Held>) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for h in docs.values() {
+        if let Some(serde_json::Value::Object(models)) = h.doc.body.get("models") {
+            for (name, entry) in models {
+                if let Some(sha) = entry.get("sha256").and_then(|s| s.as_str()) {
+                    out.push(fetcher.path_for(name, sha));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Publishes telemetry every interval (which the fleet may change; 0 pauses it).
+#[allow(clippy::too_many_arguments)]
+pub async fn telemetry_loop(
+    client: Client,
+    topic: String,
+    device_id: String,
+    mut interval: watch::Receiver<Duration>,
+    load: watch::Receiver<crate::monitor::Load>,
+    metrics: crate::metrics::Metrics,
+    counters: Arc<crate::store::Counters>,
+    live: Live,
+    stop: CancellationToken,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut last_cache = (
+        counters.cache_hits.load(Relaxed),
+        counters.cache_misses.load(Relaxed),
+    );
+    loop {
+        let every = *interval.borrow_and_update();
+        let wait = async {
+            if every.is_zero() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(every).await;
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = interval.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                continue;
+            }
+            () = wait => {}
+        }
+        let window = metrics.take_window();
+        let cache = (
+            counters.cache_hits.load(Relaxed),
+            counters.cache_misses.load(Relaxed),
+        );
+        let settings = live.get();
+        let body = telemetry::message(&telemetry::Inputs {
+            device_id: &device_id,
+            ts_ms: now_ms(),
+            interval_secs: every.as_secs_f64(),
+            load: *load.borrow(),
+            window: &window,
+            cache_hits: cache.0 - last_cache.0,
+            cache_misses: cache.1 - last_cache.1,
+            outbox_rows: counters.outbox_rows.load(Relaxed),
+            outbox_dropped: counters.outbox_dropped.load(Relaxed),
+            config_version: settings.config_version.as_deref(),
+            models: settings
+                .engine
+                .models()
+                .map(|m| (m.name().to_owned(), m.spec().version.clone()))
+                .collect(),
+        });
+        last_cache = cache;
+        if let Err(e) = client.try_publish_volatile(&topic, body.to_string().into_bytes()) {
+            tracing::debug!(error = %e, "Telemetry not sent.");
+        }
+    }
+}
+
+/// The device's retained status (`{prefix}/{device_id}/status`), as of now.
+pub fn device_status(
+    online: bool,
+    config: &Config,
+    live: &Live,
+    counters: &crate::store::Counters,
+    started_at: &str,
+) -> Vec<u8> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let settings = live.get();
+    let models: Vec<_> = settings
+        .engine
+        .models()
+        .map(|m| json!({"name": m.name(), "version": m.spec().version, "variant": m.variant().variant.as_str(), "sha256": m.sha256()}))
+        .collect();
+    let c = counters;
+    serde_json::to_vec(&json!({
+        "online": online,
+        "device_id": config.device_id,
+        "agent_version": crate::VERSION,
+        "models": models,
+        "config_version": settings.config_version,
+        "groups": config.fleet.groups,
+        "pool": config.pool,
+        "workers": config.inference.workers,
+        "started_at": started_at,
+        "relay": config.relay.as_ref().map(|r| r.url.to_string()),
+        "local_only": config.relay.is_none() || settings.policy.policy.mode == crate::policy::Mode::LocalOnly,
+        "policy": settings.policy.policy.mode,
+        "outbox": {
+            "rows": c.outbox_rows.load(Relaxed),
+            "bytes": c.outbox_bytes.load(Relaxed),
+            "dropped": c.outbox_dropped.load(Relaxed),
+        },
+        "cache": {
+            "rows": c.cache_rows.load(Relaxed),
+            "bytes": c.cache_bytes.load(Relaxed),
+            "evicted": c.cache_evicted.load(Relaxed),
+        },
+    }))
+    .unwrap_or_default()
+}
