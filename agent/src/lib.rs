@@ -107,6 +107,8 @@ pub struct Running {
     pub store: store::StoreHandle,
     /// Where `/metrics` is served, if it is.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The models, policy and cache rules in force (fleet updates switch them).
+    pub live: live::Live,
 }
 
 /// Runs the agent until `shutdown` completes, then stops taking requests, finishes those in
@@ -427,6 +429,7 @@ pub async fn run(
             embedded_broker: embedded,
             store: store.clone(),
             metrics_addr: metrics_server.as_ref().map(|(a, _)| *a),
+            live: live.clone(),
         });
     }
 

@@ -38,6 +38,74 @@ struct DbArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum FleetAction {
+    /// Make an ed25519 signing key: NAME.key (PKCS#8 PEM, private: keep it off the devices) and
+    /// NAME.pub; prints the line that makes agents trust it.
+    Keygen {
+        /// The key's name, as documents and agent.toml's [fleet.keys] name it.
+        #[arg(long, default_value = "ops")]
+        name: String,
+        /// Directory for the two files.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign a document (a JSON object with a `version`): prints the envelope to push.
+    Sign {
+        /// The private key file from `fleet keygen` (or `openssl genpkey -algorithm ed25519`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The key's name (default: the key file's name without `.key`).
+        #[arg(long)]
+        key_name: Option<String>,
+        /// The document, or `-` for stdin.
+        document: PathBuf,
+        /// Write the envelope here instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Publish a signed document (retained, QoS 1) for a group or one device.
+    Push {
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        broker: String,
+        #[arg(long, default_value = "tether")]
+        prefix: String,
+        /// For every device in this group: {prefix}/fleet/{group}/config.
+        #[arg(long, required_unless_present = "device", conflicts_with = "device")]
+        group: Option<String>,
+        /// For this device only: {prefix}/{device}/config (overrides its groups).
+        #[arg(long)]
+        device: Option<String>,
+        /// The envelope from `fleet sign`; with --key, a bare document signed on the way.
+        file: PathBuf,
+        /// Sign `file` with this key first.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// With --device: wait this long for the device's outcome and print it; fails unless
+        /// it was applied.
+        #[arg(long)]
+        wait_secs: Option<u64>,
+    },
+    /// A live table of the devices heard on the broker: online, configuration version, models,
+    /// p99, offload share, last seen, the last update's outcome.
+    Status {
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        broker: String,
+        #[arg(long, default_value = "tether")]
+        prefix: String,
+        /// Listen this many seconds, print the table once and exit (default: refresh every two
+        /// seconds until Ctrl-C).
+        #[arg(long, value_name = "SECS")]
+        once: Option<f64>,
+        /// With --once: the devices as JSON.
+        #[arg(long, requires = "once")]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum CacheAction {
     /// Rows and bytes per model, evictions, the file's size.
     Stats {
@@ -154,6 +222,12 @@ enum Command {
         #[arg(long, requires = "example")]
         golden: bool,
     },
+    /// Fleet management: signing keys, signed documents, publishing them, and a live table of
+    /// devices.
+    Fleet {
+        #[command(subcommand)]
+        action: FleetAction,
+    },
     /// Send one inference request to an agent through a broker (MQTT v5) and print the reply.
     Request {
         /// The broker: mqtt://host:port.
@@ -218,15 +292,27 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=off,rumqttc=warn".into()),
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
+    let initial = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,rumqttd=off,rumqttc=warn".into());
+    let initial_text = initial.to_string();
+    // The filter can be swapped at run time: fleet documents may set `log_level`.
+    let (filter, handle) = reload::Layer::new(initial);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colours only on a terminal: logs that go to files and journald stay plain.
+                .with_ansi(std::io::stderr().is_terminal()),
         )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: logs that go to files and journald stay plain text.
-        .with_ansi(std::io::stderr().is_terminal())
         .init();
+    agent::set_log_control(std::sync::Arc::new(move |level: Option<&str>| {
+        let filter =
+            EnvFilter::try_new(level.unwrap_or(&initial_text)).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    }));
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -301,6 +387,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             top,
             golden,
         ),
+        Command::Fleet { action } => fleet_command(action),
         Command::Request {
             broker,
             device_id,
@@ -755,6 +842,181 @@ fn print_stdout(text: &str) -> anyhow::Result<()> {
     match writeln!(out, "{text}").and_then(|()| out.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
+    }
+}
+
+fn broker_addr(broker: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let url =
+        url::Url::parse(broker).with_context(|| format!("--broker `{broker}` is not a URL"))?;
+    let host = url.host_str().context("--broker names no host")?;
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, url.port().unwrap_or(1883)))?
+        .next()
+        .with_context(|| format!("cannot resolve {host}"))
+}
+
+fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
+    use agent::fleet::{doc::Document, envelope::SigningKey, operator};
+    let sign = |key: &std::path::Path, key_name: Option<String>, text: String| {
+        let name = key_name.unwrap_or_else(|| {
+            key.file_stem()
+                .map_or_else(|| "ops".into(), |s| s.to_string_lossy().into_owned())
+        });
+        Document::parse(&text).map_err(|e| anyhow::anyhow!("the document is not valid: {e}"))?;
+        let key = SigningKey::load(key, name).map_err(anyhow::Error::msg)?;
+        anyhow::Ok(serde_json::to_string_pretty(&key.sign(text))?)
+    };
+    match action {
+        FleetAction::Keygen { name, out, force } => {
+            let private = out.join(format!("{name}.key"));
+            let public = out.join(format!("{name}.pub"));
+            if !force && (private.exists() || public.exists()) {
+                bail!(
+                    "{} or {} exists already; pass --force to replace them (documents signed with the old key stop verifying)",
+                    private.display(),
+                    public.display()
+                );
+            }
+            let (pem, hex) = SigningKey::generate().map_err(anyhow::Error::msg)?;
+            std::fs::create_dir_all(&out)?;
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&private)
+                    .with_context(|| format!("cannot write {}", private.display()))?;
+                f.write_all(pem.as_bytes())?;
+            }
+            std::fs::write(&public, format!("{hex}\n"))?;
+            eprintln!(
+                "Private key: {} (keep it off the devices). Public key: {}.",
+                private.display(),
+                public.display()
+            );
+            println!("[fleet.keys]\n{name} = \"{hex}\"");
+            Ok(())
+        }
+        FleetAction::Sign {
+            key,
+            key_name,
+            document,
+            out,
+        } => {
+            let text = if document.as_os_str() == "-" {
+                String::from_utf8(read_stdin()?).context("the document is not UTF-8")?
+            } else {
+                std::fs::read_to_string(&document)
+                    .with_context(|| format!("cannot read {}", document.display()))?
+            };
+            let envelope = sign(&key, key_name, text)?;
+            match out {
+                Some(path) => std::fs::write(&path, envelope + "\n")
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => println!("{envelope}"),
+            }
+            Ok(())
+        }
+        FleetAction::Push {
+            broker,
+            prefix,
+            group,
+            device,
+            file,
+            key,
+            wait_secs,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let payload = match key {
+                Some(k) => sign(&k, None, text)?,
+                None => {
+                    let env: agent::fleet::envelope::Envelope = serde_json::from_str(&text)
+                        .with_context(|| format!("{} is not a signed envelope; sign it with `tether-agent fleet sign` or pass --key", file.display()))?;
+                    Document::parse(&env.payload)
+                        .map_err(|e| anyhow::anyhow!("the signed document is not valid: {e}"))?;
+                    text
+                }
+            };
+            let version = serde_json::from_str::<agent::fleet::envelope::Envelope>(&payload)
+                .ok()
+                .and_then(|e| Document::parse(&e.payload).ok())
+                .map_or(0, |d| d.version);
+            let topic = operator::document_topic(&prefix, group.as_deref(), device.as_deref())
+                .context("name one of --group or --device")?;
+            let wait = match (wait_secs, &device) {
+                (Some(s), Some(d)) => Some((
+                    agent::fleet::doc::DocTopics::status(&prefix, d),
+                    version,
+                    Duration::from_secs(s),
+                )),
+                (Some(_), None) => {
+                    bail!("--wait-secs needs --device: a group has no single status to wait for")
+                }
+                _ => None,
+            };
+            let addr = broker_addr(&broker)?;
+            let outcome = current_thread()?
+                .block_on(operator::push(addr, &topic, payload.into_bytes(), wait))
+                .map_err(anyhow::Error::msg)?;
+            eprintln!("Published version {version} on {topic} (retained).");
+            if let Some(status) = outcome {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                if status.get("state").and_then(|s| s.as_str()) != Some("applied") {
+                    bail!(
+                        "the device did not apply version {version}: {}",
+                        status
+                            .get("error")
+                            .and_then(|s| s.as_str())
+                            .unwrap_or("no reason given")
+                    );
+                }
+            }
+            Ok(())
+        }
+        FleetAction::Status {
+            broker,
+            prefix,
+            once,
+            json,
+        } => {
+            let addr = broker_addr(&broker)?;
+            let listen = once.map(Duration::from_secs_f64);
+            let live = listen.is_none();
+            let board = current_thread()?
+                .block_on(async {
+                    let watch =
+                        operator::watch(addr, &prefix, listen, Duration::from_secs(2), |b| {
+                            if live {
+                                // Clear the screen and redraw.
+                                print!("\x1b[2J\x1b[H{}", b.render(agent::store::now_ms()));
+                            }
+                        });
+                    tokio::select! {
+                        r = watch => r,
+                        _ = tokio::signal::ctrl_c() => Ok(operator::Board::new(&prefix)),
+                    }
+                })
+                .map_err(anyhow::Error::msg)?;
+            if !live {
+                if json {
+                    let rows: Vec<_> = board.devices.values().collect();
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    print!("{}", board.render(agent::store::now_ms()));
+                }
+            }
+            Ok(())
+        }
     }
 }
 

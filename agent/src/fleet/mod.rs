@@ -187,6 +187,10 @@ pub struct Fleet {
     /// The last payload per source that was applied or failed its health check: a retained
     /// copy of it arriving again (every reconnection) is not news.
     settled: BTreeMap<Source, Vec<u8>>,
+    /// Versions whose health check the agent did not live to finish (taken, never good): when
+    /// their retained copy comes again it is reported as rolled back, not tried again (it may
+    /// be what stopped the agent).
+    interrupted: BTreeMap<Source, u64>,
     desired: Option<Desired>,
     pending: Option<Pending>,
 }
@@ -199,6 +203,7 @@ impl Fleet {
             good: BTreeMap::new(),
             seen: BTreeMap::new(),
             settled: BTreeMap::new(),
+            interrupted: BTreeMap::new(),
             desired: None,
             pending: None,
         }
@@ -223,6 +228,10 @@ impl Fleet {
             let Some(source) = Source::from_label(&row.source) else {
                 continue;
             };
+            if row.seen > row.good_version.unwrap_or(0) {
+                self.interrupted
+                    .insert(source.clone(), u64::try_from(row.seen).unwrap_or(0));
+            }
             self.seen
                 .insert(source.clone(), u64::try_from(row.seen).unwrap_or(0));
             let Some(envelope) = row.envelope else {
@@ -435,6 +444,16 @@ impl Fleet {
             }
         };
         let version = doc.version;
+        if self.interrupted.get(&source) == Some(&version) {
+            self.interrupted.remove(&source);
+            self.settled.insert(source.clone(), payload.to_vec());
+            let r = Rejection::Unhealthy(format!(
+                "the agent stopped during the health check of version {version} from {}; it came back on the last good configuration (publish a new version to try again)",
+                source.label()
+            ));
+            tracing::warn!(error = %r, "Fleet document not applied again.");
+            return Some(self.status(Some(&source), Some(version), Err(&r)));
+        }
         let seen = self.seen.get(&source).copied().unwrap_or(0);
         if version <= seen && !doc.rollback {
             let r = Rejection::Stale(format!(
@@ -567,7 +586,11 @@ impl Fleet {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             let status = tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => {
+                    // A clean stop is no failure: judge a running health check on what ran.
+                    self.settle(true).await;
+                    return;
+                }
                 m = rx.recv() => {
                     let Some(m) = m else { return };
                     let topic = String::from_utf8_lossy(&m.topic).into_owned();
