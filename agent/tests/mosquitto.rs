@@ -776,3 +776,82 @@ async fn an_agent_killed_at_random_points_loses_no_acknowledged_reply() {
         "no start found unsent replies, so no kill landed mid-stream: {resumed:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: cargo test -p agent --test mosquitto -- --ignored"]
+async fn a_signed_document_retained_in_mosquitto_applies_at_connect_in_v311() {
+    require("mosquitto_pub");
+    require("mosquitto_sub");
+    let broker = Mosquitto::start();
+    let port = broker.port;
+    let keys = common::scratch_dir("mosq-fleet-key");
+    let (pem, public) = agent::fleet::envelope::SigningKey::generate().unwrap();
+    std::fs::write(keys.join("ops.key"), pem).unwrap();
+    let key =
+        agent::fleet::envelope::SigningKey::load(&keys.join("ops.key"), "ops".into()).unwrap();
+    let envelope = serde_json::to_vec(
+        &key.sign(json!({"version": 4, "policy": {"default_budget_ms": 432}}).to_string()),
+    )
+    .unwrap();
+    // Published (retained) before the agent exists: it gets it when it subscribes.
+    tokio::task::spawn_blocking(move || {
+        publish(port, &["-r", "-t", "tether/mosq-fleet/config"], &envelope)
+    })
+    .await
+    .unwrap();
+    let url = broker.url();
+    let agent = TestAgent::start("mosq-fleet", move |raw| {
+        raw.embedded_broker = None;
+        raw.mqtt.broker = url;
+        raw.mqtt.protocol = agent::config::Protocol::V311;
+        raw.fleet.keys.insert("ops".into(), public);
+        raw.fleet.telemetry_interval_secs = 1;
+    })
+    .await;
+    let status = sub(
+        port,
+        &[
+            "-V",
+            "311",
+            "-t",
+            "tether/mosq-fleet/config/status",
+            "-W",
+            "15",
+        ],
+    );
+    let text = tokio::task::spawn_blocking(move || output_of(status))
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(text.trim_end()).unwrap();
+    assert_eq!(
+        (v["state"].as_str(), v["version"].as_u64()),
+        (Some("applied"), Some(4)),
+        "{v}"
+    );
+    let telemetry = sub(port, &["-t", "tether/mosq-fleet/telemetry", "-W", "15"]);
+    let text = tokio::task::spawn_blocking(move || output_of(telemetry))
+        .await
+        .unwrap();
+    let t: Value = serde_json::from_str(text.trim_end()).unwrap();
+    assert_eq!(t["device_id"], "mosq-fleet", "{t}");
+    assert_eq!(t["config_version"], "device@4", "{t}");
+    assert!(t["models"]["digits"].is_object(), "{t}");
+    let reply = sub(port, &["-V", "311", "-t", "cli/fleet"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = golden_with("digits", json!({"reply_to": "cli/fleet"}));
+    tokio::task::spawn_blocking(move || {
+        publish(
+            port,
+            &["-V", "311", "-t", "tether/mosq-fleet/infer/digits"],
+            &body,
+        )
+    })
+    .await
+    .unwrap();
+    let text = tokio::task::spawn_blocking(move || output_of(reply))
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(text.trim_end()).unwrap();
+    assert_eq!(v["parameters"]["budget_ms"], 432, "{v}");
+    agent.stop().await;
+}
