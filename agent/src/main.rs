@@ -861,6 +861,16 @@ fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// Prints to stdout; a reader that went away (`| head`) is not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
     use agent::fleet::{doc::Document, envelope::SigningKey, operator};
     let sign = |key: &std::path::Path, key_name: Option<String>, text: String| {
@@ -903,8 +913,7 @@ fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
                 private.display(),
                 public.display()
             );
-            println!("[fleet.keys]\n{name} = \"{hex}\"");
-            Ok(())
+            emit(&format!("[fleet.keys]\n{name} = \"{hex}\"\n"))
         }
         FleetAction::Sign {
             key,
@@ -922,7 +931,7 @@ fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
             match out {
                 Some(path) => std::fs::write(&path, envelope + "\n")
                     .with_context(|| format!("cannot write {}", path.display()))?,
-                None => println!("{envelope}"),
+                None => emit(&(envelope + "\n"))?,
             }
             Ok(())
         }
@@ -970,7 +979,7 @@ fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)?;
             eprintln!("Published version {version} on {topic} (retained).");
             if let Some(status) = outcome {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                emit(&(serde_json::to_string_pretty(&status)? + "\n"))?;
                 if status.get("state").and_then(|s| s.as_str()) != Some("applied") {
                     bail!(
                         "the device did not apply version {version}: {}",
@@ -1010,9 +1019,9 @@ fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
             if !live {
                 if json {
                     let rows: Vec<_> = board.devices.values().collect();
-                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                    emit(&(serde_json::to_string_pretty(&rows)? + "\n"))?;
                 } else {
-                    print!("{}", board.render(agent::store::now_ms()));
+                    emit(&board.render(agent::store::now_ms()))?;
                 }
             }
             Ok(())

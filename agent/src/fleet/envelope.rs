@@ -109,15 +109,32 @@ pub struct SigningKey {
 
 const PEM_LABEL: &str = "PRIVATE KEY";
 
+/// RFC 8410's PKCS#8 v1 encoding of an ed25519 private key is this prefix and the 32-byte seed.
+/// ring writes v2 (with the public key), which OpenSSL 3.0 does not read, so keys are saved as
+/// v1: `openssl pkey -in ops.key -pubout` works on them.
+const PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+/// The start of ring's v2 document, up to the seed.
+const PKCS8_V2_PREFIX: [u8; 16] = [
+    0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
 impl SigningKey {
     /// A fresh key: (the PEM to keep secret, the public key in hex for agents' config).
     pub fn generate() -> Result<(String, String), String> {
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
             .map_err(|_| "the system's random source failed".to_owned())?;
-        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+        let v2 = pkcs8.as_ref();
+        let seed = v2
+            .strip_prefix(&PKCS8_V2_PREFIX[..])
+            .and_then(|rest| rest.get(..32))
+            .ok_or_else(|| "ring made a key in an unexpected encoding".to_owned())?;
+        let v1: Vec<u8> = PKCS8_V1_PREFIX.iter().chain(seed).copied().collect();
+        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&v1)
             .map_err(|_| "ring rejected the key it just made".to_owned())?;
-        let b64 = B64.encode(pkcs8.as_ref());
+        let b64 = B64.encode(&v1);
         let mut pem = format!("-----BEGIN {PEM_LABEL}-----\n");
         for line in b64.as_bytes().chunks(64) {
             pem.push_str(&String::from_utf8_lossy(line));

@@ -261,7 +261,10 @@ impl Fleet {
                 self.switch(settings, &desired);
                 self.desired = Some(desired);
                 self.in_force = docs;
-                tracing::info!(config_version = ?version, "Running the last good fleet configuration, from the database.");
+                tracing::info!(
+                    config_version = version.as_deref().unwrap_or("local"),
+                    "Running the last good fleet configuration, from the database."
+                );
             }
             Err(e) => {
                 tracing::error!(error = %e, "The saved fleet configuration cannot be applied; running on agent.toml until the next update.");
@@ -490,7 +493,7 @@ impl Fleet {
                     previous_docs,
                 });
                 self.save().await;
-                tracing::info!(source = %source.label(), version, config_version = ?self.cx.live.get().config_version, "Fleet configuration applied; health check running.");
+                tracing::info!(source = %source.label(), version, config_version = self.cx.live.get().config_version.as_deref().unwrap_or("local"), "Fleet configuration applied; health check running.");
                 Some(self.status(Some(&source), Some(version), Ok(())))
             }
             Err(r) => {
@@ -524,7 +527,18 @@ impl Fleet {
                 let mut keep = model_files(&self.cx.fetcher, &self.good);
                 keep.extend(model_files(&self.cx.fetcher, &old_good));
                 self.cx.fetcher.prune(&keep);
-                tracing::info!(ok, failed, config_version = ?self.cx.live.get().config_version, "Fleet configuration healthy; saved as the last good one.");
+                tracing::info!(
+                    ok,
+                    failed,
+                    config_version = self
+                        .cx
+                        .live
+                        .get()
+                        .config_version
+                        .as_deref()
+                        .unwrap_or("local"),
+                    "Fleet configuration healthy; saved as the last good one."
+                );
                 None
             }
             Verdict::Unhealthy => {
