@@ -59,6 +59,10 @@ pub struct RawConfig {
     pub relay: Option<RawRelay>,
     pub metrics: RawMetrics,
     pub fleet: RawFleet,
+    /// `[[sensors]]`: sources the agent samples itself.
+    pub sensors: Vec<crate::sensors::RawSensor>,
+    /// `[[actuators]]`: outputs driven by the sensors' results.
+    pub actuators: Vec<crate::sensors::RawActuator>,
 }
 
 /// `[fleet]`: signed configuration and model updates over MQTT, and telemetry.
@@ -414,6 +418,8 @@ impl Default for RawConfig {
             relay: None,
             metrics: RawMetrics::default(),
             fleet: RawFleet::default(),
+            sensors: Vec::new(),
+            actuators: Vec::new(),
         }
     }
 }
@@ -489,6 +495,8 @@ pub struct Config {
     pub relay: Option<RelayConfig>,
     pub metrics_listen: Option<SocketAddr>,
     pub fleet: FleetConfig,
+    pub sensors: Vec<crate::sensors::RawSensor>,
+    pub actuators: Vec<crate::sensors::RawActuator>,
     /// agent.toml as read, with the device id resolved: what fleet documents merge over.
     pub raw: RawConfig,
 }
@@ -730,6 +738,7 @@ impl RawConfig {
         }
         let store = self.validate_store(&mut errors);
         let fleet = self.validate_fleet(&store, &mut errors);
+        crate::sensors::validate(&self.sensors, &self.actuators, &mut errors);
         let policy = self.validate_policy(inference.queue, &mut errors);
         let relay = self.validate_relay(&mut errors);
         let metrics_listen = self
@@ -761,6 +770,8 @@ impl RawConfig {
                 relay,
                 metrics_listen,
                 fleet,
+                sensors: self.sensors.clone(),
+                actuators: self.actuators.clone(),
                 raw: RawConfig {
                     device_id: Some(device_id.clone()),
                     ..self.clone()

@@ -18,6 +18,7 @@ pub mod monitor;
 pub mod mqtt;
 pub mod policy;
 pub mod protocol;
+pub mod sensors;
 pub mod serve;
 pub mod store;
 pub mod store_bench;
@@ -92,6 +93,8 @@ pub enum AgentError {
     Monitor(std::io::Error),
     #[error("{0}")]
     Fleet(String),
+    #[error("{0}")]
+    Sensors(String),
 }
 
 /// What a running agent tells the code that started it (tests, the demo).
@@ -109,6 +112,8 @@ pub struct Running {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// The models, policy and cache rules in force (fleet updates switch them).
     pub live: live::Live,
+    /// The sensors' counters and simulated actuators' pins.
+    pub sensors: sensors::SensorsView,
 }
 
 /// Runs the agent until `shutdown` completes, then stops taking requests, finishes those in
@@ -393,6 +398,16 @@ pub async fn run(
             stop_drivers.clone(),
         )));
     }
+    // Sensors feed the pipeline in process, on a link of their own (nothing to acknowledge).
+    let mut sensor_threads = sensors::start(
+        &config.sensors,
+        &config.actuators,
+        &config.topic_prefix,
+        &config.device_id,
+        &pipeline.intake(serve::Link::new(client.clone())),
+        &store,
+    )
+    .map_err(AgentError::Sensors)?;
     let mut pool_connected = None;
     if let Some(filter) = topics.pool_filter() {
         let (pclient, peventloop) = mqtt::connect(&config.mqtt, mqtt::Session::Pool, capacity);
@@ -430,6 +445,7 @@ pub async fn run(
             store: store.clone(),
             metrics_addr: metrics_server.as_ref().map(|(a, _)| *a),
             live: live.clone(),
+            sensors: sensor_threads.view(),
         });
     }
 
@@ -438,6 +454,8 @@ pub async fn run(
         grace_ms = config.shutdown_grace.as_millis(),
         "Shutting down: finishing requests in flight."
     );
+    // Sources first, so they stop making requests; each finishes the window in hand.
+    let _ = tokio::task::spawn_blocking(move || sensor_threads.stop()).await;
     let drained = pipeline.drain(config.shutdown_grace).await;
     if !drained {
         tracing::warn!(

@@ -58,9 +58,33 @@ pub struct Incoming {
 enum Ack {
     V5(v5::Publish),
     V311(rumqttc::Publish),
+    /// A request made inside the agent (a sensor's window): its reply goes back on this
+    /// channel instead of to the broker, and there is nothing to acknowledge.
+    Local(flume::Sender<Vec<u8>>),
 }
 
 impl Incoming {
+    /// A request from inside the agent, on `topic` (a request topic of this device), whose
+    /// reply is sent on `reply`.
+    pub fn local(topic: String, payload: Vec<u8>, reply: flume::Sender<Vec<u8>>) -> Incoming {
+        Incoming {
+            topic: Bytes::from(topic),
+            payload: Bytes::from(payload),
+            response_topic: None,
+            correlation: None,
+            expiry_secs: None,
+            ack: Ack::Local(reply),
+        }
+    }
+
+    /// Where the reply of a request made inside the agent goes.
+    pub fn local_reply(&self) -> Option<&flume::Sender<Vec<u8>>> {
+        match &self.ack {
+            Ack::Local(tx) => Some(tx),
+            _ => None,
+        }
+    }
+
     fn from_v5(p: v5::Publish) -> Incoming {
         let (response_topic, correlation, expiry_secs) = match &p.properties {
             Some(props) => (
@@ -279,6 +303,7 @@ impl Client {
         match (self, &m.ack) {
             (Client::V5(c), Ack::V5(p)) => c.try_ack(p).map_err(|e| e.to_string()),
             (Client::V311(c), Ack::V311(p)) => c.try_ack(p).map_err(|e| e.to_string()),
+            (_, Ack::Local(_)) => Ok(()),
             _ => Err("a request acknowledged on a connection of another protocol".into()),
         }
     }

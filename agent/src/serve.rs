@@ -462,6 +462,10 @@ impl Intake {
     /// Writes a reply to the outbox from a thread (waiting for room in the store's queue); the
     /// request is acknowledged once it is committed.
     fn reply_blocking(&self, ticket: u64, publish: Incoming, route: ReplyRoute, body: Vec<u8>) {
+        if let Some(tx) = publish.local_reply() {
+            let _ = tx.send(body);
+            return self.link.finish(ticket, publish, true);
+        }
         self.store.append(
             OutMessage::reply(route, body),
             acknowledge(self.link.clone(), ticket, publish),
@@ -621,6 +625,10 @@ impl Intake {
             reason: reason.map(Reason::as_str),
         }
         .to_json();
+        if let Some(tx) = publish.local_reply() {
+            let _ = tx.send(body);
+            return self.link.finish(ticket, publish, true);
+        }
         self.store.try_append(
             OutMessage::reply(route, body),
             acknowledge(self.link.clone(), ticket, publish),
@@ -638,6 +646,10 @@ fn reply_blocking(store: &StoreHandle, job: Job, body: Vec<u8>) {
         route,
         ..
     } = job;
+    if let Some(tx) = publish.local_reply() {
+        let _ = tx.send(body);
+        return link.finish(ticket, publish, true);
+    }
     store.append(
         OutMessage::reply(route, body),
         acknowledge(link, ticket, publish),
@@ -653,6 +665,10 @@ async fn reply_async(store: &StoreHandle, job: Job, body: Vec<u8>) {
         route,
         ..
     } = job;
+    if let Some(tx) = publish.local_reply() {
+        let _ = tx.send(body);
+        return link.finish(ticket, publish, true);
+    }
     store
         .append_async(
             OutMessage::reply(route, body),
