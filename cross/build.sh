@@ -29,11 +29,11 @@ echo "cross/build.sh: $target ($profile profile), standard library from $STD_SOU
 out="target/$target/$profile"
 case "$STD_SOURCE" in
   rustup|debian)
-    cargo build "${profile_args[@]}" --locked --target "$target" --no-default-features "${packages[@]}" "$@"
+    cargo build "${profile_args[@]}" --locked --target "$target" --no-default-features --features agent/hw "${packages[@]}" "$@"
     ;;
   build-std)
     # A target directory of its own: RUSTC_BOOTSTRAP changes build-script fingerprints.
-    cargo build "${profile_args[@]}" --locked --target "$target" --no-default-features "${packages[@]}" \
+    cargo build "${profile_args[@]}" --locked --target "$target" --no-default-features --features agent/hw "${packages[@]}" \
       -Zbuild-std=std,panic_abort --target-dir target/build-std "$@"
     mkdir -p "$out"
     for bin in tether-agent tether-relay; do

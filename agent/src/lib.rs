@@ -358,6 +358,16 @@ pub async fn run(
         }
         .run(stop_drivers.clone()),
     ));
+    // Sensors feed the pipeline in process, on a link of their own (nothing to acknowledge).
+    let mut sensor_threads = sensors::start(
+        &config.sensors,
+        &config.actuators,
+        &config.topic_prefix,
+        &config.device_id,
+        &pipeline.intake(serve::Link::new(client.clone())),
+        &store,
+    )
+    .map_err(AgentError::Sensors)?;
     drivers.push(tokio::spawn(fleet::telemetry_loop(
         client.clone(),
         topics.telemetry(),
@@ -367,6 +377,7 @@ pub async fn run(
         metrics.clone(),
         store.counters.clone(),
         live.clone(),
+        sensor_threads.view(),
         stop_drivers.clone(),
     )));
     if let Some(f) = fleet {
@@ -398,16 +409,6 @@ pub async fn run(
             stop_drivers.clone(),
         )));
     }
-    // Sensors feed the pipeline in process, on a link of their own (nothing to acknowledge).
-    let mut sensor_threads = sensors::start(
-        &config.sensors,
-        &config.actuators,
-        &config.topic_prefix,
-        &config.device_id,
-        &pipeline.intake(serve::Link::new(client.clone())),
-        &store,
-    )
-    .map_err(AgentError::Sensors)?;
     let mut pool_connected = None;
     if let Some(filter) = topics.pool_filter() {
         let (pclient, peventloop) = mqtt::connect(&config.mqtt, mqtt::Session::Pool, capacity);

@@ -652,6 +652,7 @@ pub async fn telemetry_loop(
     metrics: crate::metrics::Metrics,
     counters: Arc<crate::store::Counters>,
     live: Live,
+    sensors: crate::sensors::SensorsView,
     stop: CancellationToken,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -699,6 +700,13 @@ pub async fn telemetry_loop(
                 .models()
                 .map(|m| (m.name().to_owned(), m.spec().version.clone()))
                 .collect(),
+            sensors: serde_json::Value::Object(
+                sensors
+                    .counters
+                    .iter()
+                    .map(|(k, c)| (k.clone(), c.to_json()))
+                    .collect(),
+            ),
         });
         last_cache = cache;
         if let Err(e) = client.try_publish_volatile(&topic, body.to_string().into_bytes()) {

@@ -23,6 +23,8 @@ pub struct Inputs<'a> {
     pub config_version: Option<&'a str>,
     /// (name, version) of the models served.
     pub models: Vec<(String, String)>,
+    /// Per sensor source: windows, failures, dropped, inference errors since start.
+    pub sensors: Value,
 }
 
 /// The `q` quantile (0..=1) of unsorted samples, by nearest rank.
@@ -79,6 +81,7 @@ pub fn message(i: &Inputs<'_>) -> Value {
         "models": models,
         "cache_hit_rate": (lookups > 0).then(|| round2(i.cache_hits as f64 / lookups as f64)),
         "outbox": {"rows": i.outbox_rows, "dropped": i.outbox_dropped},
+        "sensors": i.sensors,
     })
 }
 
@@ -122,6 +125,7 @@ mod tests {
             outbox_dropped: 0,
             config_version: Some("device@3"),
             models: vec![("digits".into(), "1".into()), ("vad".into(), "5".into())],
+            sensors: json!({"pump-1": {"failures": 2}}),
         });
         assert_eq!(m["routes"]["cloud"], 0.3);
         assert_eq!(m["routes"]["reject"], 0.0);
@@ -132,5 +136,6 @@ mod tests {
         assert!(m["models"]["vad"]["p99_ms"].is_null());
         assert_eq!(m["cpu_percent"], 41.23);
         assert_eq!(m["config_version"], "device@3");
+        assert_eq!(m["sensors"]["pump-1"]["failures"], 2);
     }
 }
