@@ -139,6 +139,7 @@ async fn a_simulated_accelerometer_with_faults_reaches_mqtt_events_and_raises_th
             on_class: "bearing_fault".into(),
             min_probability: 0.8,
             hold_ms: 60_000,
+            confirm_windows: 2,
         }];
     })
     .await;

@@ -16,6 +16,9 @@ pub struct Rule {
     pub min_probability: f64,
     /// How long the pin stays up after the last detection.
     pub hold: Duration,
+    /// Detections in a row before the pin rises (1: the first one), so one odd window does
+    /// not sound the alarm.
+    pub confirm: u32,
 }
 
 /// The rule's state: up until `until`.
@@ -23,11 +26,16 @@ pub struct Rule {
 pub struct Hold {
     rule: Rule,
     until: Option<Instant>,
+    streak: u32,
 }
 
 impl Hold {
     pub fn new(rule: Rule) -> Hold {
-        Hold { rule, until: None }
+        Hold {
+            rule,
+            until: None,
+            streak: 0,
+        }
     }
 
     pub fn is_up(&self) -> bool {
@@ -37,10 +45,15 @@ impl Hold {
     /// One result: the level to set, if it changes.
     pub fn observe(&mut self, label: &str, probability: f64, now: Instant) -> Option<bool> {
         if label == self.rule.on_class && probability >= self.rule.min_probability {
-            let was_up = self.until.is_some();
-            self.until = Some(now + self.rule.hold);
-            return (!was_up).then_some(true);
+            self.streak = self.streak.saturating_add(1);
+            if self.streak >= self.rule.confirm.max(1) {
+                let was_up = self.until.is_some();
+                self.until = Some(now + self.rule.hold);
+                return (!was_up).then_some(true);
+            }
+            return self.tick(now);
         }
+        self.streak = 0;
         self.tick(now)
     }
 
@@ -184,6 +197,7 @@ mod tests {
             on_class: "bearing_fault".into(),
             min_probability: 0.8,
             hold: Duration::from_secs(5),
+            confirm: 1,
         }
     }
 
@@ -208,6 +222,21 @@ mod tests {
         assert_eq!(h.tick(s(8)), Some(false));
         assert_eq!(h.tick(s(9)), None);
         assert!(!h.is_up());
+    }
+
+    #[test]
+    fn a_confirmed_rule_needs_detections_in_a_row() {
+        let t0 = Instant::now();
+        let mut h = Hold::new(Rule {
+            confirm: 3,
+            ..rule()
+        });
+        assert_eq!(h.observe("bearing_fault", 0.9, t0), None);
+        assert_eq!(h.observe("bearing_fault", 0.9, t0), None);
+        assert_eq!(h.observe("normal", 0.9, t0), None, "the streak breaks");
+        assert_eq!(h.observe("bearing_fault", 0.9, t0), None);
+        assert_eq!(h.observe("bearing_fault", 0.9, t0), None);
+        assert_eq!(h.observe("bearing_fault", 0.9, t0), Some(true));
     }
 
     #[test]

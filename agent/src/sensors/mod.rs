@@ -84,6 +84,9 @@ pub struct RawSensor {
     /// `audio`: the input (`-` for stdin).
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// `audio`: read a file at the pace of a microphone (a pipe or stdin sets its own pace).
+    #[serde(default)]
+    pub realtime: bool,
     /// `audio`: speech from this probability; silence this long ends a segment; segments
     /// shorter than `min_speech_ms` are ignored.
     #[serde(default = "default_vad_threshold")]
@@ -149,9 +152,16 @@ pub struct RawActuator {
     /// ...with at least this probability...
     #[serde(default = "default_min_probability")]
     pub min_probability: f64,
-    /// ...and held this long after the last detection.
+    /// ...and held this long after the last detection...
     #[serde(default = "default_hold")]
     pub hold_ms: u64,
+    /// ...once this many results in a row say so.
+    #[serde(default = "default_confirm")]
+    pub confirm_windows: u32,
+}
+
+fn default_confirm() -> u32 {
+    2
 }
 
 fn default_min_probability() -> f64 {
@@ -234,6 +244,12 @@ pub fn validate(sensors: &[RawSensor], actuators: &[RawActuator], errors: &mut V
             errors.push(format!(
                 "actuators `{}`: min_probability is {}; use 0 to 1",
                 a.name, a.min_probability
+            ));
+        }
+        if a.confirm_windows == 0 {
+            errors.push(format!(
+                "actuators `{}`: confirm_windows must be at least 1",
+                a.name
             ));
         }
         if a.kind == ActuatorKind::Gpio {
@@ -409,6 +425,7 @@ pub fn start(
                 on_class: a.on_class.clone(),
                 min_probability: a.min_probability,
                 hold: Duration::from_millis(a.hold_ms),
+                confirm: a.confirm_windows,
             };
             match a.kind {
                 ActuatorKind::Simulated => {
@@ -676,9 +693,9 @@ fn sample_loop<B: I2c>(
             };
             match Mpu6050::init(b, settings, &mut Sleep) {
                 Ok(d) => {
+                    // Recovered only once a good window comes (a stuck sensor initialises fine).
                     dev = Some(d);
                     samples.clear();
-                    trouble.recovered(outlet);
                 }
                 Err((b, e)) => {
                     bus = Some(b);
@@ -842,7 +859,12 @@ fn audio_loop(cfg: &RawSensor, outlet: &Outlet, stop: &AtomicBool) {
     let mut context = vec![0.0f32; audio::CONTEXT];
     let mut state = vec![0.0f32; 2 * 128];
     let mut index = 0u64;
+    let began = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if cfg.realtime {
+            let due = Duration::from_secs_f64(index as f64 * chunk_s);
+            sleep_unless_stopped(due.saturating_sub(began.elapsed()), stop);
+        }
         let chunk = match pcm.next_chunk() {
             Ok(Some(c)) => c,
             Ok(None) => break,
