@@ -305,6 +305,46 @@ async fn groups_and_device_documents_apply_and_every_rejection_keeps_the_running
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signed_rollback_replaces_the_version_it_names_and_cannot_be_replayed() {
+    let op = Operator::new("ops");
+    let dir = scratch_dir("fleet-rollback");
+    let agent = TestAgent::start("fleet-rb", fleet_agent(&op, &dir, |_| {})).await;
+    let addr = agent.v5_addr();
+    let mut statuses = Statuses::watch(addr, "fleet-rb").await;
+    let mut r = Requester::connect(addr, "fleet-rb").await;
+    let topic = "tether/fleet-rb/config";
+    let mut push = async |doc: Value| {
+        publish(addr, topic, op.sign(&doc)).await;
+        statuses.next().await
+    };
+    let s = push(json!({"version": 1, "policy": {"default_budget_ms": 111}})).await;
+    assert_eq!(s["state"], "applied", "{s}");
+    let s = push(json!({"version": 2, "policy": {"default_budget_ms": 222}})).await;
+    assert_eq!(s["state"], "applied", "{s}");
+    assert_eq!(answered_budget(&mut r, "fleet-rb").await, 222);
+    let rollback = json!({"version": 1, "rollback": true, "rollback_from": 2,
+                          "policy": {"default_budget_ms": 111}});
+    let s = push(rollback.clone()).await;
+    assert_eq!(s["state"], "applied", "{s}");
+    assert_eq!(s["config_version"], "device@1", "{s}");
+    assert_eq!(answered_budget(&mut r, "fleet-rb").await, 111);
+    // The old version 2 cannot come back, and a new version must be above 2.
+    let s = push(json!({"version": 2, "policy": {"default_budget_ms": 999}})).await;
+    assert_eq!(s["code"], "stale_version", "{s}");
+    let s = push(json!({"version": 3, "policy": {"default_budget_ms": 333}})).await;
+    assert_eq!(s["state"], "applied", "{s}");
+    // The rollback, replayed now, replaces nothing.
+    let s = push(rollback).await;
+    assert_eq!(s["code"], "stale_version", "{s}");
+    assert!(
+        s["error"].as_str().unwrap().contains("replaces version 2"),
+        "{s}"
+    );
+    assert_eq!(answered_budget(&mut r, "fleet-rb").await, 333);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_download_that_would_fill_the_disk_is_refused() {
     let (relay, _relay_stop) = relay().await;
     let op = Operator::new("ops");

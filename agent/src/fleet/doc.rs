@@ -6,7 +6,7 @@
 //! ```json
 //! {
 //!   "version": 7,
-//!   "rollback": false,
+//!   "rollback": false,          (true, with "rollback_from": N, to go back to this version)
 //!   "policy": {"mode": "local-first", "models": {"digits": {"budget_ms": 80}}},
 //!   "store": {"cache": {"ttl_secs": 600}, "outbox": {"max_rows": 50000}},
 //!   "models": {"digits": {"version": "2", "sha256": "…", "url": "https://…"}, "vad": null},
@@ -121,8 +121,11 @@ impl DocTopics {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
     pub version: u64,
-    /// An explicit, signed return to an older version: allowed below the applied version.
+    /// An explicit, signed return to an older version: allowed at or below the version taken,
+    /// but only in place of the version it names in `rollback_from` (so it cannot be replayed
+    /// once a newer version was taken).
     pub rollback: bool,
+    pub rollback_from: Option<u64>,
     /// Everything else.
     pub body: Map<String, Value>,
 }
@@ -148,6 +151,24 @@ impl Document {
             Some(Value::Bool(b)) => b,
             Some(_) => return Err(bad("`rollback` must be true or false".into())),
         };
+        let rollback_from = match body.remove("rollback_from") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+            Some(_) => return Err(bad("`rollback_from` must be a version number".into())),
+        };
+        match (rollback, rollback_from) {
+            (true, None) => {
+                return Err(bad(
+                    "a rollback must name the version it replaces: \"rollback_from\": N".into(),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(bad(
+                    "`rollback_from` is only for rollbacks: add \"rollback\": true".into(),
+                ));
+            }
+            _ => {}
+        }
         if let Some(k) = body.keys().find(|k| !KEYS.contains(&k.as_str())) {
             return Err(Rejection::Invalid(format!(
                 "`{k}` cannot be set by the fleet; a document may set {}",
@@ -157,6 +178,7 @@ impl Document {
         Ok(Document {
             version,
             rollback,
+            rollback_from,
             body,
         })
     }
@@ -419,8 +441,17 @@ mod tests {
             panic!("mqtt accepted")
         };
         assert!(m.contains("`mqtt`"), "{m}");
-        let d = doc(json!({"version": 4, "rollback": true, "log_level": "debug"}));
-        assert_eq!((d.version, d.rollback), (4, true));
+        let d =
+            doc(json!({"version": 4, "rollback": true, "rollback_from": 6, "log_level": "debug"}));
+        assert_eq!((d.version, d.rollback, d.rollback_from), (4, true, Some(6)));
+        assert!(matches!(
+            Document::parse(r#"{"version": 4, "rollback": true}"#),
+            Err(Rejection::BadDocument(_))
+        ));
+        assert!(matches!(
+            Document::parse(r#"{"version": 4, "rollback_from": 5}"#),
+            Err(Rejection::BadDocument(_))
+        ));
         assert!(!d.body.contains_key("version"));
     }
 

@@ -458,13 +458,23 @@ impl Fleet {
             return Some(self.status(Some(&source), Some(version), Err(&r)));
         }
         let seen = self.seen.get(&source).copied().unwrap_or(0);
-        if version <= seen && !doc.rollback {
-            let r = Rejection::Stale(format!(
-                "version {version} from {} is not newer than version {seen}, already taken; to go back, sign a document with \"rollback\": true",
-                source.label()
-            ));
-            tracing::warn!(code = r.code(), error = %r, "Fleet document rejected.");
-            return Some(self.status(Some(&source), Some(version), Err(&r)));
+        if version <= seen {
+            let why = match doc.rollback_from {
+                Some(from) if from == seen => None,
+                Some(from) => Some(format!(
+                    "this rollback replaces version {from}, but the version taken from {} is {seen}: a rollback only replaces the version it names",
+                    source.label()
+                )),
+                None => Some(format!(
+                    "version {version} from {} is not newer than version {seen}, already taken; to go back, sign a document with \"rollback\": true and \"rollback_from\": {seen}",
+                    source.label()
+                )),
+            };
+            if let Some(why) = why {
+                let r = Rejection::Stale(why);
+                tracing::warn!(code = r.code(), error = %r, "Fleet document rejected.");
+                return Some(self.status(Some(&source), Some(version), Err(&r)));
+            }
         }
         let mut candidate = self.in_force.clone();
         candidate.insert(
@@ -481,7 +491,9 @@ impl Fleet {
                 self.switch(settings, &desired);
                 let previous_desired = self.desired.replace(desired);
                 let previous_docs = std::mem::replace(&mut self.in_force, candidate);
-                self.seen.insert(source.clone(), version);
+                // The highest version taken stays, after a rollback too: older documents
+                // cannot be replayed.
+                self.seen.insert(source.clone(), seen.max(version));
                 self.settled.insert(source.clone(), payload.to_vec());
                 self.pending = Some(Pending {
                     source: source.clone(),
@@ -498,7 +510,7 @@ impl Fleet {
             }
             Err(r) => {
                 if r.is_health() {
-                    self.seen.insert(source.clone(), version);
+                    self.seen.insert(source.clone(), seen.max(version));
                     self.settled.insert(source.clone(), payload.to_vec());
                     self.save().await;
                 }
