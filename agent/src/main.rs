@@ -805,12 +805,7 @@ fn send_request(
     example: bool,
     timeout_ms: u64,
 ) -> anyhow::Result<()> {
-    let url =
-        url::Url::parse(broker).with_context(|| format!("--broker `{broker}` is not a URL"))?;
-    let host = url.host_str().context("--broker names no host")?;
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, url.port().unwrap_or(1883)))?
-        .next()
-        .with_context(|| format!("cannot resolve {host}"))?;
+    let addr = broker_addr(broker)?;
     let body = if example {
         let manifest = Manifest::load(dir)?;
         std::fs::read(golden::request_path(&manifest, model))?
@@ -821,10 +816,7 @@ fn send_request(
             _ => read_stdin()?,
         }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = current_thread()?;
     let topic = format!("tether/{device_id}/infer/{model}");
     let reply = runtime.block_on(agent::client::request(
         addr,
@@ -859,16 +851,6 @@ fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-}
-
-/// Prints to stdout; a reader that went away (`| head`) is not an error.
-fn emit(text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-        _ => Ok(()),
-    }
 }
 
 fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
@@ -913,7 +895,7 @@ fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
                 private.display(),
                 public.display()
             );
-            emit(&format!("[fleet.keys]\n{name} = \"{hex}\"\n"))
+            print_stdout(&format!("[fleet.keys]\n{name} = \"{hex}\""))
         }
         FleetAction::Sign {
             key,
@@ -931,7 +913,7 @@ fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
             match out {
                 Some(path) => std::fs::write(&path, envelope + "\n")
                     .with_context(|| format!("cannot write {}", path.display()))?,
-                None => emit(&(envelope + "\n"))?,
+                None => print_stdout(&envelope)?,
             }
             Ok(())
         }
@@ -979,7 +961,7 @@ fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)?;
             eprintln!("Published version {version} on {topic} (retained).");
             if let Some(status) = outcome {
-                emit(&(serde_json::to_string_pretty(&status)? + "\n"))?;
+                print_stdout(&serde_json::to_string_pretty(&status)?)?;
                 if status.get("state").and_then(|s| s.as_str()) != Some("applied") {
                     bail!(
                         "the device did not apply version {version}: {}",
@@ -1019,9 +1001,9 @@ fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
             if !live {
                 if json {
                     let rows: Vec<_> = board.devices.values().collect();
-                    emit(&(serde_json::to_string_pretty(&rows)? + "\n"))?;
+                    print_stdout(&serde_json::to_string_pretty(&rows)?)?;
                 } else {
-                    emit(&board.render(agent::store::now_ms()))?;
+                    print_stdout(board.render(agent::store::now_ms()).trim_end())?;
                 }
             }
             Ok(())
@@ -1105,10 +1087,7 @@ fn with_store<T>(
     f: impl AsyncFnOnce(&agent::store::StoreHandle) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let cfg = store_config(args)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = current_thread()?;
     runtime.block_on(async {
         let (store, thread) = agent::store::open(&cfg, agent::store::OpenMode::Inspect)?;
         let result = f(&store).await;
