@@ -14,8 +14,6 @@ use agent::fleet::envelope::SigningKey;
 use common::{Requester, TestAgent, golden, scratch_dir};
 use models::{Manifest, Variant};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -99,61 +97,25 @@ async fn publish(addr: SocketAddr, topic: &str, payload: Vec<u8>) {
         .unwrap();
 }
 
-/// Everything published on one device's configuration status topic.
-struct Statuses(mpsc::UnboundedReceiver<Value>);
+/// Everything published on one device's configuration status topic from now on.
+struct Statuses(mpsc::UnboundedReceiver<common::Seen>);
 
 impl Statuses {
     async fn watch(addr: SocketAddr, device: &str) -> Statuses {
-        let mut o = MqttOptions::new(
-            format!("status-{}", fastrand::u64(..)),
-            addr.ip().to_string(),
-            addr.port(),
-        );
-        o.set_keep_alive(Duration::from_secs(30));
-        let (client, mut eventloop) = AsyncClient::new(o, 16);
-        let topic = format!("tether/{device}/config/status");
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let mut ready_tx = Some(ready_tx);
-        tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(t) = ready_tx.take() {
-                            let _ = t.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        // A retained copy of an earlier outcome is not news.
-                        if p.retain {
-                            continue;
-                        }
-                        if let Ok(v) = serde_json::from_slice(&p.payload)
-                            && tx.send(v).is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(5), ready_rx)
-            .await
-            .unwrap()
-            .unwrap();
-        Statuses(rx)
+        Statuses(common::subscribe(addr, &format!("tether/{device}/config/status")).await)
     }
 
     async fn next(&mut self) -> Value {
-        tokio::time::timeout(Duration::from_secs(20), self.0.recv())
-            .await
-            .expect("a configuration status within 20 s")
-            .unwrap()
+        loop {
+            let seen = tokio::time::timeout(Duration::from_secs(20), self.0.recv())
+                .await
+                .expect("a configuration status within 20 s")
+                .unwrap();
+            // A retained copy of an earlier outcome is not news.
+            if !seen.retained {
+                return seen.body;
+            }
+        }
     }
 }
 

@@ -13,9 +13,6 @@ use agent::config::{EmbeddedBrokerConfig, RawConfig};
 use agent::sensors::sim::{Condition, Fault, FaultKind, Phase};
 use agent::sensors::{ActuatorKind, RawActuator, RawSensor, SensorKind};
 use common::{TestAgent, scratch_dir};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -34,44 +31,15 @@ fn broker() -> SocketAddr {
 }
 
 async fn events(addr: SocketAddr, filter: &str) -> mpsc::UnboundedReceiver<(Instant, Value)> {
-    let mut o = MqttOptions::new(
-        format!("events-{}", fastrand::u64(..)),
-        addr.ip().to_string(),
-        addr.port(),
-    );
-    o.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(o, 64);
+    let mut seen = common::subscribe(addr, filter).await;
     let (tx, rx) = mpsc::unbounded_channel();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let mut ready_tx = Some(ready_tx);
-    let filter = filter.to_owned();
     tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(t) = ready_tx.take() {
-                        let _ = t.send(());
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Ok(v) = serde_json::from_slice(&p.payload)
-                        && tx.send((Instant::now(), v)).is_err()
-                    {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        while let Some(s) = seen.recv().await {
+            if tx.send((s.at, s.body)).is_err() {
+                return;
             }
         }
     });
-    tokio::time::timeout(Duration::from_secs(5), ready_rx)
-        .await
-        .unwrap()
-        .unwrap();
     rx
 }
 

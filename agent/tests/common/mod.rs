@@ -27,6 +27,63 @@ pub fn scratch_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// A message as a subscriber saw it: when it came, whether it was a retained copy, its JSON.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: std::time::Instant,
+    pub retained: bool,
+    pub body: Value,
+}
+
+/// Subscribes to `filter` (QoS 1) and returns once the subscription is in place; every JSON
+/// message that arrives afterwards comes out of the receiver.
+pub async fn subscribe(addr: SocketAddr, filter: &str) -> mpsc::UnboundedReceiver<Seen> {
+    let mut o = MqttOptions::new(
+        format!("sub-{}", fastrand::u64(..)),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(o, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let mut ready_tx = Some(ready_tx);
+    let filter = filter.to_owned();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(t) = ready_tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Ok(body) = serde_json::from_slice(&p.payload) {
+                        let seen = Seen {
+                            at: std::time::Instant::now(),
+                            retained: p.retain,
+                            body,
+                        };
+                        if tx.send(seen).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), ready_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    rx
+}
+
 /// A running agent and the means to stop it.
 pub struct TestAgent {
     pub running: Running,
