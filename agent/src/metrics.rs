@@ -48,7 +48,7 @@ struct Inner {
 #[derive(Debug, Default, Clone)]
 pub struct Window {
     /// Milliseconds, the most recent [`WINDOW_SAMPLES`] per model.
-    pub latency_ms: std::collections::BTreeMap<String, Vec<f32>>,
+    pub latency_ms: std::collections::BTreeMap<String, std::collections::VecDeque<f32>>,
     /// Requests by route: local, cloud, cache, reject.
     pub routes: std::collections::BTreeMap<String, u64>,
 }
@@ -159,11 +159,15 @@ impl Metrics {
     pub fn latency(&self, model: &str, route: &str, seconds: f64) {
         {
             let mut w = self.window();
-            let samples = w.latency_ms.entry(model.to_owned()).or_default();
+            // On the request path: no allocation once the model has its queue, O(1) when full.
+            let samples = match w.latency_ms.get_mut(model) {
+                Some(s) => s,
+                None => w.latency_ms.entry(model.to_owned()).or_default(),
+            };
             if samples.len() >= WINDOW_SAMPLES {
-                samples.remove(0);
+                samples.pop_front();
             }
-            samples.push((seconds * 1e3) as f32);
+            samples.push_back((seconds * 1e3) as f32);
         }
         self.inner
             .latency

@@ -45,7 +45,13 @@ fn round2(x: f64) -> f64 {
 pub fn message(i: &Inputs<'_>) -> Value {
     let mut models = serde_json::Map::new();
     for (name, version) in &i.models {
-        let samples = i.window.latency_ms.get(name).map_or(&[][..], Vec::as_slice);
+        let samples: Vec<f32> = i
+            .window
+            .latency_ms
+            .get(name)
+            .map(|d| d.iter().copied().collect())
+            .unwrap_or_default();
+        let samples = samples.as_slice();
         models.insert(
             name.clone(),
             json!({
