@@ -17,6 +17,15 @@ pub enum RequestError {
     Timeout(u128),
 }
 
+/// A short-lived command-line client's MQTT v5 options: large packets, no Nagle.
+pub fn options(broker: SocketAddr, client_id: String) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(Some(256 << 20));
+    o.set_network_options(crate::mqtt::no_delay());
+    o
+}
+
 /// Publishes `body` to `topic` and waits for the reply on a private topic.
 pub async fn request(
     broker: SocketAddr,
@@ -25,15 +34,8 @@ pub async fn request(
     timeout: Duration,
 ) -> Result<Vec<u8>, RequestError> {
     let id = fastrand::u64(..);
-    let mut o = MqttOptions::new(
-        format!("tether-request-{id:x}"),
-        broker.ip().to_string(),
-        broker.port(),
-    );
-    o.set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(Some(256 << 20));
-    o.set_network_options(crate::mqtt::no_delay());
-    let (client, mut eventloop) = AsyncClient::new(o, 16);
+    let (client, mut eventloop) =
+        AsyncClient::new(options(broker, format!("tether-request-{id:x}")), 16);
     let reply_topic = format!("tether-request/{id:x}");
     let work = async {
         loop {

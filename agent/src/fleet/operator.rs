@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -210,16 +210,11 @@ impl Board {
     }
 }
 
-fn options(broker: SocketAddr, role: &str) -> MqttOptions {
-    let mut o = MqttOptions::new(
+fn options(broker: SocketAddr, role: &str) -> rumqttc::v5::MqttOptions {
+    crate::client::options(
+        broker,
         format!("tether-fleet-{role}-{:x}", fastrand::u64(..)),
-        broker.ip().to_string(),
-        broker.port(),
-    );
-    o.set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(Some(256 << 20));
-    o.set_network_options(crate::mqtt::no_delay());
-    o
+    )
 }
 
 /// Publishes `payload` retained at QoS 1 and returns once the broker has it. With `wait` (a
