@@ -1,43 +1,50 @@
 //! The Tether agent: the device process. `main.rs` is only the command line; each module here
 //! owns one responsibility and is testable alone, and [`run`] wires them together.
+//!
+//! A request walks forward: an MQTT driver ([`mqtt`]) delivers it with a ticket, the pipeline
+//! ([`pipeline`]) decodes, de-duplicates, answers from the cache or routes it ([`policy`]) to a
+//! worker or the relay ([`cloud`]), the reply goes to the store ([`store`]: outbox, committed),
+//! and the commit tells the driver, by the ticket ([`ticket`]), to acknowledge it; the driver
+//! publishes the outbox. [`config`] sits below everything and imports nothing above it.
 
-pub mod bench;
 pub mod broker;
-pub mod client;
+pub mod cli;
 pub mod cloud;
 pub mod config;
-#[cfg(feature = "demo")]
-pub mod demo;
-pub mod escalation;
 pub mod fleet;
 pub mod infer;
 pub mod live;
-pub mod loadgen;
 pub mod metrics;
 pub mod monitor;
 pub mod mqtt;
+pub mod pipeline;
 pub mod policy;
 pub mod protocol;
 pub mod sensors;
-pub mod serve;
+pub mod status;
 pub mod store;
-pub mod store_bench;
-pub mod stream;
+pub mod ticket;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use models::{EngineConfig, ModelError, Variant};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::protocol::Topics;
 
-/// Outbox messages in flight on the device connection at once.
+pub use config::models_dir;
+
+/// Outbox messages in flight on the device connection at once (the broker's Receive Maximum
+/// lowers it).
 const OUTBOX_WINDOW: usize = 64;
+/// Fleet documents in flight on the fleet connection at once.
+const FLEET_WINDOW: usize = 8;
 
 /// The agent's version, as reported in its status.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -48,25 +55,6 @@ static LOG_CONTROL: std::sync::OnceLock<fleet::LogControl> = std::sync::OnceLock
 /// the process started with).
 pub fn set_log_control(control: fleet::LogControl) {
     let _ = LOG_CONTROL.set(control);
-}
-
-/// Where the model zoo is: the explicit choice, else `./models/zoo` when run from a checkout,
-/// else the zoo of the source tree this binary was built from.
-pub fn models_dir(explicit: Option<PathBuf>) -> PathBuf {
-    if let Some(dir) = explicit {
-        return dir;
-    }
-    let local = PathBuf::from("models/zoo");
-    if local.join(models::manifest::MANIFEST_FILE).exists() {
-        return local;
-    }
-    models::default_zoo_dir()
-}
-
-async fn join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
-    for t in tasks {
-        let _ = t.await;
-    }
 }
 
 /// Why the agent could not run.
@@ -116,6 +104,12 @@ pub struct Running {
     pub sensors: sensors::SensorsView,
 }
 
+/// Requests a connection's driver hands on before it stops reading (its flow control, and its
+/// MQTT v5 Receive Maximum): what the local queue and the workers hold.
+fn connection_limit(config: &Config) -> usize {
+    (config.inference.queue + config.inference.workers).clamp(1, usize::from(u16::MAX))
+}
+
 /// Runs the agent until `shutdown` completes, then stops taking requests, finishes those in
 /// flight within the grace period, publishes its offline status and disconnects.
 /// `started` receives the running agent's handles once it is serving.
@@ -125,73 +119,45 @@ pub async fn run(
     started: Option<tokio::sync::oneshot::Sender<Running>>,
 ) -> Result<(), AgentError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let embedded = match &config.embedded_broker {
-        Some(b) => {
-            let addrs = broker::start(b, config.mqtt.max_payload_bytes)?;
-            if b.connect {
-                let addr = match config.mqtt.protocol {
-                    config::Protocol::V5 => addrs.v5,
-                    config::Protocol::V311 => addrs.v311,
-                };
-                config.mqtt.host = addr.ip().to_string();
-                config.mqtt.port = addr.port();
-            }
-            Some(addrs)
-        }
-        None => None,
-    };
-
-    let dir = config.models_dir.clone();
+    let embedded = start_embedded_broker(&mut config)?;
     let engine_config = EngineConfig {
         variant: Variant::Device,
         max_elements: config.inference.max_elements,
         runtime: config.inference.runtime.clone(),
         ..EngineConfig::default()
     };
-    let build_config = engine_config.clone();
-    let engine = tokio::task::spawn_blocking(move || build_config.build(dir))
-        .await
-        .map_err(|e| AgentError::Join(e.to_string()))??;
-    tracing::info!(models = %engine.models().map(|m| m.name()).collect::<Vec<_>>().join(", "), "Models loaded.");
-
-    let store_cfg = config.store.clone();
-    let (store, store_thread) =
-        tokio::task::spawn_blocking(move || store::open(&store_cfg, store::OpenMode::Agent))
+    let engine = {
+        let (dir, build) = (config.models_dir.clone(), engine_config.clone());
+        tokio::task::spawn_blocking(move || build.build(dir))
             .await
-            .map_err(|e| AgentError::Join(e.to_string()))??;
-    {
-        let c = &store.counters;
-        tracing::info!(
-            path = %config.store.path.display(),
-            outbox_rows = c.outbox_rows.load(Ordering::Relaxed),
-            cache_rows = c.cache_rows.load(Ordering::Relaxed),
-            "Database open."
-        );
-    }
-
+            .map_err(|e| AgentError::Join(e.to_string()))??
+    };
+    tracing::info!(models = %engine.models().map(|m| m.name()).collect::<Vec<_>>().join(", "), "Models loaded.");
+    let (store, store_thread) = {
+        let cfg = config.store.clone();
+        tokio::task::spawn_blocking(move || store::open(&cfg, store::OpenMode::Agent))
+            .await
+            .map_err(|e| AgentError::Join(e.to_string()))??
+    };
+    tracing::info!(
+        path = %config.store.path.display(),
+        outbox_rows = store.counters.outbox_rows.load(Ordering::Relaxed),
+        cache_rows = store.counters.cache_rows.load(Ordering::Relaxed),
+        remembered_replies = store.counters.replies_rows.load(Ordering::Relaxed),
+        "Database open."
+    );
     let topics = Topics::new(
         &config.topic_prefix,
         &config.device_id,
         config.pool.as_deref(),
-    );
-    let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    )
+    .with_reply_prefixes(config.mqtt.reply_topics.clone());
     let live = live::Live::new(live::Settings {
         engine: engine.clone(),
         policy: config.policy.clone(),
         cache: config.store.cache.clone(),
         config_version: None,
     });
-    let status = |online: bool| -> std::sync::Arc<dyn Fn() -> Vec<u8> + Send + Sync> {
-        let (config, live, counters, started_at) = (
-            config.clone(),
-            live.clone(),
-            store.counters.clone(),
-            started_at.clone(),
-        );
-        std::sync::Arc::new(move || {
-            fleet::device_status(online, &config, &live, &counters, &started_at)
-        })
-    };
     let cloud = config.relay.as_ref().map(cloud::Cloud::new).transpose()?;
     match &config.relay {
         Some(r) => {
@@ -200,16 +166,14 @@ pub async fn run(
         None => tracing::info!("No relay configured (--relay URL): every request runs here."),
     }
     let load_rx = monitor::spawn(config.policy.monitor_interval).map_err(AgentError::Monitor)?;
-    let load_rx_telemetry = load_rx.clone();
     let metrics = metrics::Metrics::default();
-    let runs = std::sync::Arc::new(serve::RunCounters::default());
-    let routing = serve::Routing {
+    let routing = pipeline::Routing {
         live: live.clone(),
-        health: runs.clone(),
+        health: Arc::new(pipeline::RunCounters::default()),
         cloud: cloud.clone(),
-        load_rx,
-        times: std::sync::Arc::new(serve::ServiceTimes::default()),
-        in_service: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        load_rx: load_rx.clone(),
+        times: Arc::new(pipeline::ServiceTimes::default()),
+        in_service: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         runtime: tokio::runtime::Handle::current(),
         metrics: metrics.clone(),
     };
@@ -219,18 +183,27 @@ pub async fn run(
             "Every local inference is held to this long (inference.emulated_service_ms), to behave like a slower device."
         );
     }
-    let pipeline = serve::Pipeline::start(
-        &config.inference,
-        config.mqtt.max_payload_bytes,
-        serve::WorkerContext {
+    let limit = connection_limit(&config);
+    let pools = usize::from(config.pool.is_some());
+    let remembered = store.remembered_keys(store::now_ms()).await;
+    let pipeline = pipeline::Pipeline::start(
+        pipeline::PipelineConfig {
             device_id: config.device_id.clone(),
             topics: topics.clone(),
-            top_k: config.inference.top_k,
-            store: store.clone(),
+            inference: config.inference.clone(),
+            limits: pipeline::decode::Limits {
+                max_payload_bytes: config.mqtt.max_payload_bytes,
+                max_budget: config.policy.max_budget,
+                dedupe_window: config.store.dedupe.window,
+                dedupe_max_window: config.store.dedupe.max_window,
+            },
             history: config.store.history.clone(),
-            routing: routing.clone(),
-            emulated_service: config.inference.emulated_service,
+            dedupe: config.store.dedupe.clone(),
+            admission: limit * (1 + pools) + config.sensors.len() + 1,
         },
+        store.clone(),
+        routing.clone(),
+        remembered,
     )
     .map_err(AgentError::Workers)?;
     let mut metrics_server = None;
@@ -238,142 +211,102 @@ pub async fn run(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| AgentError::Metrics { addr, source })?;
-        let bound = listener.local_addr().unwrap_or(addr);
+        let bound = status::bound(&listener, addr);
         tracing::info!(addr = %bound, "Serving Prometheus metrics at /metrics.");
-        let probe = pipeline.probe();
-        let metrics = metrics.clone();
-        let counters = store.counters.clone();
-        let in_service = routing.in_service.clone();
-        let cloud = cloud.clone();
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let snap = metrics::Snapshot {
-                    queue_depth: probe.len(),
-                    in_service: in_service.load(Ordering::Relaxed),
-                    circuit: match cloud.as_ref().map(cloud::Cloud::circuit) {
-                        None => -1,
-                        Some(policy::BreakerState::Closed) => 0,
-                        Some(policy::BreakerState::HalfOpen) => 1,
-                        Some(policy::BreakerState::Open) => 2,
-                    },
-                };
-                let text = metrics.render(snap, &counters);
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        text,
-                    )
-                }
-            }),
+        let server = status::serve_metrics(
+            listener,
+            metrics.clone(),
+            store.counters.clone(),
+            pipeline.probe(),
+            routing.in_service.clone(),
+            cloud.clone(),
         );
-        metrics_server = Some((
-            bound,
-            tokio::spawn(async move {
-                let _ = axum::serve(listener, app).await;
-            }),
-        ));
+        metrics_server = Some((bound, server));
     }
+    let health = status::Health {
+        pipeline: pipeline.health(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+    };
+    let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let status = |online: bool| -> Arc<dyn Fn() -> Vec<u8> + Send + Sync> {
+        let (config, live, counters, started_at, health) = (
+            config.clone(),
+            live.clone(),
+            store.counters.clone(),
+            started_at.clone(),
+            health.clone(),
+        );
+        Arc::new(move || {
+            status::device_status(online, &config, &live, &counters, &started_at, &health)
+        })
+    };
     // Fleet documents: the last good configuration comes back from the database before the
     // first request is taken.
     let (status_refresh_tx, status_refresh_rx) = watch::channel(0u64);
     let (telemetry_tx, telemetry_rx) = watch::channel(config.fleet.telemetry_interval);
-    let fleet = if config.fleet.keys.is_empty() {
-        if !config.fleet.groups.is_empty() {
-            tracing::warn!(
-                "fleet.groups is set but fleet.keys is empty: without a trusted key no fleet document can be accepted, so none is listened for."
-            );
-        }
-        None
-    } else {
-        let relay = config
-            .relay
-            .as_ref()
-            .and_then(|r| r.token.clone().map(|t| (r.url.clone(), t)));
-        let fetcher = fleet::download::Fetcher::new(
-            config.fleet.models_dir.clone(),
-            config.fleet.reserve_bytes,
-            relay,
-        )
-        .map_err(AgentError::Fleet)?;
-        let mut f = Box::new(fleet::Fleet::new(fleet::FleetContext {
-            config: config.clone(),
-            base_raw: config.raw.clone(),
-            keys: config.fleet.keys.clone(),
-            topics: fleet::doc::DocTopics::new(
-                &config.topic_prefix,
-                &config.device_id,
-                &config.fleet.groups,
-            ),
-            live: live.clone(),
-            base_engine: engine.clone(),
-            engine_config: engine_config.clone(),
-            store: store.clone(),
-            fetcher,
-            runs: runs.clone(),
-            health: config.fleet.health,
-            telemetry_interval: telemetry_tx.clone(),
-            status_refresh: status_refresh_tx.clone(),
-            log: LOG_CONTROL.get().cloned(),
-        }));
-        Box::pin(f.restore()).await;
-        Some(f)
-    };
-    let stop_drivers = CancellationToken::new();
-    let mut drivers = Vec::new();
-    // The device's own connection; room in its client for every queued reply plus acks.
-    let capacity = config.inference.queue * 2 + 64;
-    let will = mqtt::Session::Device {
-        will_topic: topics.status(),
-        will_payload: status(false)(),
-    };
-    let (client, eventloop) = mqtt::connect(&config.mqtt, will, capacity);
-    let (connected_tx, connected_rx) = watch::channel(false);
-    let connected_rx_probe = connected_rx.clone();
-    let intake = pipeline.intake(serve::Link::new(client.clone()));
-    drivers.push(tokio::spawn(
-        mqtt::Driver {
-            eventloop,
-            client: client.clone(),
-            filters: vec![topics.device_filter()],
-            on_connect: Some(mqtt::Retained {
-                topic: topics.status(),
-                payload: status(true),
-            }),
-            on_stop: Some(mqtt::Retained {
-                topic: topics.status(),
-                payload: status(false),
-            }),
-            dispatch: move |p| intake.dispatch(p),
-            connected_tx,
-            backoff: mqtt::Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
-            outbox: Some(mqtt::OutboxFeed {
-                store: store.clone(),
-                window: OUTBOX_WINDOW,
-            }),
-            refresh: Some(status_refresh_rx),
-        }
-        .run(stop_drivers.clone()),
-    ));
-    // Sensors feed the pipeline in process, on a link of their own (nothing to acknowledge).
-    let mut sensor_threads = sensors::start(
-        &config.sensors,
-        &config.actuators,
-        &config.topic_prefix,
-        &config.device_id,
-        &pipeline.intake(serve::Link::new(client.clone())),
+    let fleet = start_fleet(
+        &config,
+        &engine_config,
+        &live,
         &store,
+        &routing,
+        &telemetry_tx,
+        &status_refresh_tx,
     )
-    .map_err(AgentError::Sensors)?;
+    .await?;
+    let stop_drivers = CancellationToken::new();
+    let mut drivers: Vec<JoinHandle<()>> = Vec::new();
+    let intake = pipeline.intake();
+    // The device's own connection: requests, the outbox, the status.
+    let (client, eventloop) = mqtt::connect(
+        &config.mqtt,
+        mqtt::Session::Device {
+            will_topic: topics.status(),
+            will_payload: status(false)(),
+        },
+        u16::try_from(limit).unwrap_or(u16::MAX),
+        limit + OUTBOX_WINDOW + 64,
+    );
+    let (connected_tx, connected_rx) = watch::channel(false);
+    {
+        let intake = intake.clone();
+        drivers.push(tokio::spawn(
+            mqtt::Driver {
+                eventloop,
+                client: client.clone(),
+                filters: vec![topics.device_filter()],
+                on_connect: Some(mqtt::Retained {
+                    topic: topics.status(),
+                    payload: status(true),
+                }),
+                on_stop: Some(mqtt::Retained {
+                    topic: topics.status(),
+                    payload: status(false),
+                }),
+                dispatch: move |m| intake.dispatch(m),
+                connected_tx,
+                backoff: mqtt::Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
+                outbox: Some(mqtt::OutboxFeed {
+                    store: store.clone(),
+                    window: OUTBOX_WINDOW,
+                }),
+                refresh: Some(status_refresh_rx),
+                limit,
+            }
+            .run(stop_drivers.clone()),
+        ));
+    }
+    // Sensors submit typed requests to the pipeline; their events go through the outbox.
+    let mut sensor_threads =
+        sensors::start(&config.sensors, &config.actuators, &topics, &intake, &store)
+            .map_err(AgentError::Sensors)?;
     drivers.push(tokio::spawn(fleet::telemetry_loop(
         client.clone(),
         topics.telemetry(),
         config.device_id.clone(),
         telemetry_rx,
-        load_rx_telemetry,
+        load_rx,
         metrics.clone(),
         store.counters.clone(),
         live.clone(),
@@ -381,66 +314,53 @@ pub async fn run(
         stop_drivers.clone(),
     )));
     if let Some(f) = fleet {
-        let (fclient, feventloop) = mqtt::connect(&config.mqtt, mqtt::Session::Fleet, 64);
-        let (docs_tx, docs_rx) = tokio::sync::mpsc::channel(64);
-        let (fleet_connected_tx, _) = watch::channel(false);
-        drivers.push(tokio::spawn(
-            mqtt::Driver {
-                eventloop: feventloop,
-                client: fclient.clone(),
-                filters: f.filters(),
-                on_connect: None,
-                on_stop: None,
-                dispatch: move |m: mqtt::Incoming| {
-                    if docs_tx.try_send(m).is_err() {
-                        tracing::warn!("Too many fleet documents at once; one waits for the broker to send it again.");
-                    }
-                },
-                connected_tx: fleet_connected_tx,
-                backoff: mqtt::Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
-                outbox: None,
-                refresh: None,
-            }
-            .run(stop_drivers.clone()),
-        ));
-        drivers.push(tokio::spawn((*f).run(
-            docs_rx,
-            fclient,
-            stop_drivers.clone(),
-        )));
+        drivers.extend(start_fleet_connection(&config, f, &stop_drivers));
     }
     let mut pool_connected = None;
     if let Some(filter) = topics.pool_filter() {
-        let (pclient, peventloop) = mqtt::connect(&config.mqtt, mqtt::Session::Pool, capacity);
-        let intake = pipeline.intake(serve::Link::new(pclient.clone()));
+        let (pclient, peventloop) = mqtt::connect(
+            &config.mqtt,
+            mqtt::Session::Pool,
+            u16::try_from(limit).unwrap_or(u16::MAX),
+            limit + 64,
+        );
+        let intake = intake.clone();
         let (pool_connected_tx, pool_rx) = watch::channel(false);
         pool_connected = Some(pool_rx);
         drivers.push(tokio::spawn(
             mqtt::Driver {
                 eventloop: peventloop,
-                client: pclient.clone(),
+                client: pclient,
                 filters: vec![filter],
                 on_connect: None,
                 on_stop: None,
-                dispatch: move |p| intake.dispatch(p),
+                dispatch: move |m| intake.dispatch(m),
                 connected_tx: pool_connected_tx,
                 backoff: mqtt::Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
                 outbox: None,
                 refresh: None,
+                limit,
             }
             .run(stop_drivers.clone()),
         ));
     }
+    // A stage that stops is reported: the status is published again when health changes.
+    drivers.push(tokio::spawn(watch_health(
+        health.clone(),
+        status_refresh_tx,
+        stop_drivers.clone(),
+    )));
     tracing::info!(
         device_id = %config.device_id,
         broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port),
         pool = ?config.pool,
         workers = config.inference.workers,
+        receive_maximum = limit,
         "Agent serving."
     );
     if let Some(tx) = started {
         let _ = tx.send(Running {
-            connected: connected_rx,
+            connected: connected_rx.clone(),
             pool_connected,
             embedded_broker: embedded,
             store: store.clone(),
@@ -457,8 +377,7 @@ pub async fn run(
     );
     // Sources first, so they stop making requests; each finishes the window in hand.
     let _ = tokio::task::spawn_blocking(move || sensor_threads.stop()).await;
-    let drained = pipeline.drain(config.shutdown_grace).await;
-    if !drained {
+    if !pipeline.drain(config.shutdown_grace).await {
         tracing::warn!(
             "Grace period over with requests still running; they stay unacknowledged and will be delivered again."
         );
@@ -466,17 +385,17 @@ pub async fn run(
     // Every reply is now in the outbox (and its request acknowledged); give the publisher a
     // moment to deliver them, as what is left waits in the database for the next start.
     store.flush().await;
-    let deliver_until = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    while *connected_rx_probe.borrow()
+    let deliver_until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while *connected_rx.borrow()
         && store.counters.outbox_rows.load(Ordering::Relaxed) > 0
         && tokio::time::Instant::now() < deliver_until
     {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stop_drivers.cancel();
     // Each driver exits once its DISCONNECT is out; don't wait on a dead broker forever.
-    let aborts: Vec<_> = drivers.iter().map(|d| d.abort_handle()).collect();
-    if tokio::time::timeout(std::time::Duration::from_secs(2), join_all(drivers))
+    let aborts: Vec<_> = drivers.iter().map(JoinHandle::abort_handle).collect();
+    if tokio::time::timeout(Duration::from_secs(2), join_all(drivers))
         .await
         .is_err()
     {
@@ -500,9 +419,158 @@ pub async fn run(
     Ok(())
 }
 
+async fn join_all(tasks: Vec<JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Starts the embedded broker, if configured, and points the agent at it when asked to.
+fn start_embedded_broker(
+    config: &mut Config,
+) -> Result<Option<broker::EmbeddedBroker>, AgentError> {
+    let Some(b) = &config.embedded_broker else {
+        return Ok(None);
+    };
+    let addrs = broker::start(b, config.mqtt.max_payload_bytes)?;
+    if b.connect {
+        let addr = match config.mqtt.protocol {
+            config::Protocol::V5 => addrs.v5,
+            config::Protocol::V311 => addrs.v311,
+        };
+        config.mqtt.host = addr.ip().to_string();
+        config.mqtt.port = addr.port();
+    }
+    Ok(Some(addrs))
+}
+
+/// The fleet's side, when keys are configured: restored from the database before the first
+/// request.
+async fn start_fleet(
+    config: &Config,
+    engine_config: &EngineConfig,
+    live: &live::Live,
+    store: &store::StoreHandle,
+    routing: &pipeline::Routing,
+    telemetry_tx: &watch::Sender<Duration>,
+    status_refresh_tx: &watch::Sender<u64>,
+) -> Result<Option<Box<fleet::Fleet>>, AgentError> {
+    if config.fleet.keys.is_empty() {
+        if !config.fleet.groups.is_empty() {
+            tracing::warn!(
+                "fleet.groups is set but fleet.keys is empty: without a trusted key no fleet document can be accepted, so none is listened for."
+            );
+        }
+        return Ok(None);
+    }
+    let relay = config
+        .relay
+        .as_ref()
+        .and_then(|r| r.token.clone().map(|t| (r.url.clone(), t)));
+    let fetcher = fleet::download::Fetcher::new(
+        config.fleet.models_dir.clone(),
+        config.fleet.reserve_bytes,
+        relay,
+    )
+    .map_err(AgentError::Fleet)?;
+    let mut f = Box::new(fleet::Fleet::new(fleet::FleetContext {
+        config: config.clone(),
+        base_raw: config.raw.clone(),
+        keys: config.fleet.keys.clone(),
+        topics: fleet::doc::DocTopics::new(
+            &config.topic_prefix,
+            &config.device_id,
+            &config.fleet.groups,
+        ),
+        live: live.clone(),
+        base_engine: live.get().engine.clone(),
+        engine_config: engine_config.clone(),
+        store: store.clone(),
+        fetcher,
+        runs: routing.health.clone(),
+        health: config.fleet.health,
+        telemetry_interval: telemetry_tx.clone(),
+        status_refresh: status_refresh_tx.clone(),
+        log: LOG_CONTROL.get().cloned(),
+    }));
+    Box::pin(f.restore()).await;
+    Ok(Some(f))
+}
+
+/// The fleet's connection and its task: documents handed to the fleet one at a time, each
+/// acknowledged once handled.
+fn start_fleet_connection(
+    config: &Config,
+    f: Box<fleet::Fleet>,
+    stop: &CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    let (fclient, feventloop) = mqtt::connect(
+        &config.mqtt,
+        mqtt::Session::Fleet,
+        u16::try_from(FLEET_WINDOW).unwrap_or(1),
+        64,
+    );
+    let (docs_tx, docs_rx) = tokio::sync::mpsc::channel(FLEET_WINDOW);
+    let (fleet_connected_tx, _) = watch::channel(false);
+    let filters = f.filters();
+    vec![
+        tokio::spawn(
+            mqtt::Driver {
+                eventloop: feventloop,
+                client: fclient.clone(),
+                filters,
+                on_connect: None,
+                on_stop: None,
+                dispatch: move |m: mqtt::Message| {
+                    // The driver hands on at most FLEET_WINDOW documents, which the channel
+                    // holds: this never refuses one.
+                    if let Err(e) = docs_tx.try_send(m) {
+                        tracing::warn!("The fleet task is not taking documents; the broker sends this one again later.");
+                        drop(e);
+                    }
+                },
+                connected_tx: fleet_connected_tx,
+                backoff: mqtt::Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
+                outbox: None,
+                refresh: None,
+                limit: FLEET_WINDOW,
+            }
+            .run(stop.clone()),
+        ),
+        tokio::spawn((*f).run(docs_rx, fclient, stop.clone())),
+    ]
+}
+
+/// Publishes the status again whenever a stage starts or stops.
+async fn watch_health(
+    health: status::Health,
+    refresh: watch::Sender<u64>,
+    stop: CancellationToken,
+) {
+    let mut last = health.stages();
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let now = health.stages();
+        if now != last {
+            if !now.serving() {
+                tracing::error!(
+                    ?now,
+                    "A stage of the request path is down; the status says so."
+                );
+            }
+            last = now;
+            refresh.send_modify(|n| *n += 1);
+        }
+    }
+}
+
 /// A fresh directory under the system's temporary directory, for unit tests.
 #[cfg(test)]
-pub(crate) fn test_scratch_dir(name: &str) -> PathBuf {
+pub(crate) fn test_scratch_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "tether-unit-{name}-{}-{}",
         std::process::id(),

@@ -1,6 +1,7 @@
 //! The agent's Prometheus metrics (prometheus-client): requests by route and reason, latency
-//! per route, and at scrape time the queue depth, cache hits, outbox depth and the relay's
-//! circuit. Served at `/metrics` when `metrics.listen` is set.
+//! per route, errors by code, panics by stage, duplicates, expiries and deadlines, and at
+//! scrape time the queue depth, cache hits, outbox depth and the relay's circuit. Served at
+//! `/metrics` when `metrics.listen` is set.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,6 +14,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::policy::Reason;
+use crate::protocol::ErrorCode;
 
 type Labels = Vec<(String, String)>;
 type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
@@ -40,6 +42,16 @@ struct Inner {
     outbox_rows: Gauge,
     outbox_dropped: Gauge,
     circuit_open: Gauge,
+    errors: Family<Labels, Counter>,
+    panics: Family<Labels, Counter>,
+    duplicates: Family<Labels, Counter>,
+    lost: Counter,
+    replies_expired: Counter,
+    deadlines: Counter,
+    late: Counter,
+    engine_fallbacks: Family<Labels, Counter>,
+    outbox_expired: Gauge,
+    outbox_refused: Gauge,
     /// Since the last telemetry message.
     window: std::sync::Mutex<Window>,
 }
@@ -125,6 +137,66 @@ impl Default for Metrics {
             "The relay's circuit: 0 closed, 1 half-open, 2 open, -1 no relay",
             circuit_open.clone(),
         );
+        let errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "errors",
+            "Requests answered with an error, by code (overloaded ones are in requests{route=\"reject\"})",
+            errors.clone(),
+        );
+        let panics = Family::<Labels, Counter>::default();
+        registry.register(
+            "panics",
+            "Panics caught in a stage (front, worker, decode); the request is answered internal and the stage goes on",
+            panics.clone(),
+        );
+        let duplicates = Family::<Labels, Counter>::default();
+        registry.register(
+            "duplicates",
+            "Requests delivered again (same response topic and correlation data, or reply_to and id): joined the first while it ran, or replayed its reply",
+            duplicates.clone(),
+        );
+        let lost = Counter::default();
+        registry.register(
+            "lost_requests",
+            "Requests dropped unanswered by a fault inside the agent (answered internal), or not taken in",
+            lost.clone(),
+        );
+        let replies_expired = Counter::default();
+        registry.register(
+            "replies_expired",
+            "Replies not published because their requester's Message Expiry had passed, when answered",
+            replies_expired.clone(),
+        );
+        let deadlines = Counter::default();
+        registry.register(
+            "deadlines",
+            "Requests answered overloaded the moment their budget ran out, queued or running",
+            deadlines.clone(),
+        );
+        let late = Counter::default();
+        registry.register(
+            "late_results",
+            "Model results that came after their request's deadline and were dropped",
+            late.clone(),
+        );
+        let engine_fallbacks = Family::<Labels, Counter>::default();
+        registry.register(
+            "engine_fallbacks",
+            "Models whose accelerated runtime failed at run time and now run on the CPU",
+            engine_fallbacks.clone(),
+        );
+        let outbox_expired = Gauge::default();
+        registry.register(
+            "outbox_expired",
+            "Stored replies not published because their requester's expiry passed (since start)",
+            outbox_expired.clone(),
+        );
+        let outbox_refused = Gauge::default();
+        registry.register(
+            "outbox_refused",
+            "Stored messages dropped because the broker refused them (since start)",
+            outbox_refused.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -137,6 +209,16 @@ impl Default for Metrics {
                 outbox_rows,
                 outbox_dropped,
                 circuit_open,
+                errors,
+                panics,
+                duplicates,
+                lost,
+                replies_expired,
+                deadlines,
+                late,
+                engine_fallbacks,
+                outbox_expired,
+                outbox_refused,
                 window: Default::default(),
             }),
         }
@@ -154,6 +236,71 @@ impl Metrics {
                 ("reason".into(), reason.as_str().into()),
             ])
             .inc();
+    }
+
+    /// A request answered with an error of this code (`overloaded` is counted by route).
+    pub fn refused(&self, code: ErrorCode) {
+        let code = serde_json::to_value(code)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        self.inner
+            .errors
+            .get_or_create(&vec![("code".into(), code)])
+            .inc();
+    }
+
+    /// A panic caught in `stage`.
+    pub fn panic(&self, stage: &str) {
+        self.inner
+            .panics
+            .get_or_create(&vec![("stage".into(), stage.into())])
+            .inc();
+    }
+
+    /// A duplicate request: `joined` its first delivery, or `replayed` its reply.
+    pub fn duplicate(&self, how: &str) {
+        self.inner
+            .duplicates
+            .get_or_create(&vec![("how".into(), how.into())])
+            .inc();
+    }
+
+    pub fn lost_request(&self) {
+        self.inner.lost.inc();
+    }
+
+    pub fn reply_expired(&self) {
+        self.inner.replies_expired.inc();
+    }
+
+    pub fn deadline_passed(&self) {
+        self.inner.deadlines.inc();
+    }
+
+    pub fn late_result(&self) {
+        self.inner.late.inc();
+    }
+
+    /// `model` fell back from its accelerated runtime to the CPU.
+    pub fn engine_fallback(&self, model: &str) {
+        self.inner
+            .engine_fallbacks
+            .get_or_create(&vec![("model".into(), model.into())])
+            .inc();
+    }
+
+    /// Panics caught, over every stage (for the status).
+    pub fn panics_total(&self) -> u64 {
+        let mut total = 0;
+        for stage in ["front", "worker", "decode"] {
+            total += self
+                .inner
+                .panics
+                .get_or_create(&vec![("stage".into(), stage.into())])
+                .get();
+        }
+        total
     }
 
     pub fn latency(&self, model: &str, route: &str, seconds: f64) {
@@ -199,6 +346,10 @@ impl Metrics {
             .set(as_i64(store.outbox_rows.load(Ordering::Relaxed)));
         i.outbox_dropped
             .set(as_i64(store.outbox_dropped.load(Ordering::Relaxed)));
+        i.outbox_expired
+            .set(as_i64(store.outbox_expired.load(Ordering::Relaxed)));
+        i.outbox_refused
+            .set(as_i64(store.outbox_refused.load(Ordering::Relaxed)));
         let mut out = String::new();
         if encode(&mut out, &i.registry).is_err() {
             out.clear();

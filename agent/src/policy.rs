@@ -5,41 +5,11 @@
 //! Also pure: the circuit breaker that keeps a dead relay from costing anything, and the rule
 //! for escalating a low-confidence local answer.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// The policy's modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// Local when it meets the budget, else the cloud when it does, else the faster estimate.
-    LocalFirst,
-    /// Never the cloud.
-    LocalOnly,
-    /// The cloud when it meets the budget, else local.
-    CloudFirst,
-}
-
-/// Thresholds that force offloading, whatever the estimates say.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Limits {
-    /// CPU utilisation, 0 to 100.
-    pub cpu_percent: f64,
-    pub temperature_c: f64,
-    /// Requests waiting for a local worker.
-    pub queue: usize,
-}
-
-/// The policy configuration the decision needs.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Policy {
-    pub mode: Mode,
-    pub limits: Limits,
-    /// The share of a budget an estimate may use and still "meet" it: the rest is room for
-    /// the estimate's error and the way back to the requester.
-    pub headroom: f64,
-}
+pub use crate::config::{BreakerConfig, Limits, Mode, Policy};
 
 /// What the agent knows when a request arrives.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -240,18 +210,6 @@ pub fn should_escalate(top1: f64, threshold: Option<f64>, remaining_ms: f64, rel
     top1 < threshold && rtt_ms.unwrap_or(DEFAULT_RELAY_RTT_MS) <= remaining_ms
 }
 
-/// The circuit breaker's configuration.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BreakerConfig {
-    /// Open after this many failures in a row...
-    pub consecutive_failures: u32,
-    /// ...or when this share of the last `window` calls failed.
-    pub error_rate: f64,
-    pub window: usize,
-    /// How long it stays open before one probe is let through.
-    pub open_for: Duration,
-}
-
 /// The breaker's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
@@ -365,6 +323,7 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const POLICY: Policy = Policy {
         mode: Mode::LocalFirst,

@@ -1,7 +1,9 @@
-//! Tether's MQTT protocol, without IO: the topics, where a reply goes, and the error payloads.
-//! Everything here is a pure function of its arguments, tested by tables.
+//! Tether's MQTT protocol, without IO: every topic the agent uses, where a reply goes and which
+//! reply topics are refused, how a request is identified for de-duplication, and the error
+//! payloads. Everything here is a pure function of its arguments, tested by tables.
 
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 /// The coded errors a requester can receive on its reply topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -11,7 +13,7 @@ pub enum ErrorCode {
     BadRequest,
     /// No model of that name is served here.
     UnknownModel,
-    /// The queue is full: retry later or elsewhere.
+    /// The request cannot be answered within its budget: retry later or elsewhere.
     Overloaded,
     /// The agent cannot serve this now (shutting down, no route within the budget).
     Unavailable,
@@ -48,12 +50,21 @@ impl ErrorReply<'_> {
     }
 }
 
-/// The topics of one device.
+/// The longest topic MQTT can carry, in bytes.
+pub const MAX_TOPIC_BYTES: usize = 65_535;
+
+/// Second segments under the prefix that belong to the agents themselves: a reply is never
+/// published there (`{prefix}/{device}/config`, `.../status`, ...).
+const CONTROL_SEGMENTS: [&str; 5] = ["config", "status", "telemetry", "events", "infer"];
+
+/// The topics of one device, and the rules its reply topics follow.
 #[derive(Debug, Clone)]
 pub struct Topics {
     prefix: String,
     device_id: String,
     pool: Option<String>,
+    /// When not empty, a reply topic must start with one of these (`mqtt.reply_topics`).
+    reply_prefixes: Vec<String>,
 }
 
 impl Topics {
@@ -62,7 +73,14 @@ impl Topics {
             prefix: prefix.to_owned(),
             device_id: device_id.to_owned(),
             pool: pool.map(str::to_owned),
+            reply_prefixes: Vec::new(),
         }
+    }
+
+    /// Limits reply topics to these prefixes (none: any topic the rules allow).
+    pub fn with_reply_prefixes(mut self, prefixes: Vec<String>) -> Topics {
+        self.reply_prefixes = prefixes;
+        self
     }
 
     /// The subscription that brings this device's own requests.
@@ -92,6 +110,11 @@ impl Topics {
         (!model.is_empty() && !model.contains('/')).then_some(model)
     }
 
+    /// This device's request topic for `model`.
+    pub fn request(&self, model: &str) -> String {
+        format!("{}/{}/infer/{model}", self.prefix, self.device_id)
+    }
+
     /// The retained status topic.
     pub fn status(&self) -> String {
         format!("{}/{}/status", self.prefix, self.device_id)
@@ -102,10 +125,154 @@ impl Topics {
         format!("{}/{}/telemetry", self.prefix, self.device_id)
     }
 
+    /// Where a sensor source's events go.
+    pub fn events(&self, source: &str) -> String {
+        format!("{}/{}/events/{source}", self.prefix, self.device_id)
+    }
+
     /// Where a reply goes when the request names no reply topic.
     pub fn default_reply(&self, model: &str) -> String {
         format!("{}/{}/result/{model}", self.prefix, self.device_id)
     }
+
+    /// Checks a topic a requester asked its reply to be published on.
+    pub fn check_reply_topic(&self, topic: &str) -> Result<(), TopicRefusal> {
+        check_topic_name(topic)?;
+        if topic.starts_with('$') {
+            return Err(TopicRefusal::Reserved);
+        }
+        if let Some(rest) = topic
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+        {
+            let mut segments = rest.split('/');
+            let first = segments.next().unwrap_or_default();
+            let second = segments.next();
+            if first == "fleet" {
+                return Err(TopicRefusal::AgentTopic("fleet"));
+            }
+            if let Some(s) = second.and_then(|s| CONTROL_SEGMENTS.iter().find(|c| **c == s)) {
+                return Err(TopicRefusal::AgentTopic(s));
+            }
+        }
+        if !self.reply_prefixes.is_empty()
+            && !self.reply_prefixes.iter().any(|p| topic.starts_with(p))
+        {
+            return Err(TopicRefusal::NotAllowed);
+        }
+        Ok(())
+    }
+
+    /// Where the reply to a request goes: its MQTT v5 Response Topic, else its
+    /// `parameters.reply_to`, else the default result topic of `model`. A refused topic is an
+    /// error that carries the default route, where the requester is told why.
+    pub fn reply_route(
+        &self,
+        response_topic: Option<&str>,
+        correlation: Option<&[u8]>,
+        reply_to: Option<&str>,
+        model: &str,
+    ) -> Result<ReplyRoute, RefusedRoute> {
+        let v5 = response_topic.is_some() || correlation.is_some();
+        let route = |topic: String| ReplyRoute {
+            topic,
+            correlation: correlation.map(<[u8]>::to_vec),
+            v5,
+        };
+        match response_topic.or(reply_to) {
+            None => Ok(route(self.default_reply(model))),
+            Some(asked) => match self.check_reply_topic(asked) {
+                Ok(()) => Ok(route(asked.to_owned())),
+                Err(refusal) => Err(RefusedRoute {
+                    refusal,
+                    fallback: route(self.default_reply(model)),
+                }),
+            },
+        }
+    }
+}
+
+/// A topic name MQTT and common brokers accept: 1 to 65,535 bytes of UTF-8 without U+0000, the
+/// control characters Mosquitto refuses (U+0001–U+001F, U+007F–U+009F), Unicode
+/// non-characters, or the wildcards `+` and `#`.
+pub fn check_topic_name(topic: &str) -> Result<(), TopicRefusal> {
+    if topic.is_empty() {
+        return Err(TopicRefusal::Empty);
+    }
+    if topic.len() > MAX_TOPIC_BYTES {
+        return Err(TopicRefusal::TooLong(topic.len()));
+    }
+    for c in topic.chars() {
+        if c == '+' || c == '#' {
+            return Err(TopicRefusal::Wildcard);
+        }
+        if c.is_control() {
+            return Err(TopicRefusal::Control(c));
+        }
+        if is_noncharacter(c) {
+            return Err(TopicRefusal::NonCharacter(c));
+        }
+    }
+    Ok(())
+}
+
+/// U+FDD0–U+FDEF and the last two code points of every plane.
+fn is_noncharacter(c: char) -> bool {
+    let n = u32::from(c);
+    (0xFDD0..=0xFDEF).contains(&n) || n & 0xFFFE == 0xFFFE
+}
+
+/// Why a reply topic is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicRefusal {
+    Empty,
+    TooLong(usize),
+    Wildcard,
+    Control(char),
+    NonCharacter(char),
+    /// Under `$` (broker topics, shared subscriptions).
+    Reserved,
+    /// One of the agents' own topics under the prefix.
+    AgentTopic(&'static str),
+    /// Outside `mqtt.reply_topics`.
+    NotAllowed,
+}
+
+impl std::fmt::Display for TopicRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TopicRefusal::Empty => f.write_str("it is empty"),
+            TopicRefusal::TooLong(n) => {
+                write!(f, "it is {n} bytes, over MQTT's {MAX_TOPIC_BYTES}")
+            }
+            TopicRefusal::Wildcard => f.write_str("it contains a wildcard (`+` or `#`)"),
+            TopicRefusal::Control(c) => write!(
+                f,
+                "it contains the control character U+{:04X}, which brokers refuse",
+                u32::from(*c)
+            ),
+            TopicRefusal::NonCharacter(c) => write!(
+                f,
+                "it contains the Unicode non-character U+{:04X}",
+                u32::from(*c)
+            ),
+            TopicRefusal::Reserved => f.write_str("topics starting with `$` belong to the broker"),
+            TopicRefusal::AgentTopic(kind) => write!(
+                f,
+                "it is one of the agents' own topics (`{kind}`), where no reply is published"
+            ),
+            TopicRefusal::NotAllowed => f.write_str(
+                "this agent publishes replies only under the prefixes of mqtt.reply_topics",
+            ),
+        }
+    }
+}
+
+/// A refused reply topic, and where the requester is told about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedRoute {
+    pub refusal: TopicRefusal,
+    pub fallback: ReplyRoute,
 }
 
 /// Where a reply is published.
@@ -119,30 +286,33 @@ pub struct ReplyRoute {
     pub v5: bool,
 }
 
-/// Picks the reply topic: the MQTT v5 Response Topic, else `parameters.reply_to`, else the
-/// default result topic. A reply topic with wildcards cannot be published to and is skipped.
-pub fn reply_route(
-    response_topic: Option<&str>,
+/// A request's identity for de-duplication: its request topic, its reply topic and its
+/// correlation data (MQTT v5) or, without any, its `id`. Two deliveries with the same identity
+/// are the same request (a requester's retry, or the broker's redelivery). `None` when the
+/// request carries neither correlation data nor an id: it cannot be told from another.
+pub fn identity(
+    request_topic: &str,
+    reply_topic: &str,
     correlation: Option<&[u8]>,
-    reply_to: Option<&str>,
-    default: String,
-) -> ReplyRoute {
-    let usable = |t: &&str| is_publishable(t);
-    let topic = response_topic
-        .filter(usable)
-        .or(reply_to.filter(usable))
-        .map_or(default, str::to_owned);
-    let v5 = response_topic.is_some() || correlation.is_some();
-    ReplyRoute {
-        topic,
-        correlation: correlation.map(<[u8]>::to_vec),
-        v5,
+    id: Option<&str>,
+) -> Option<[u8; 32]> {
+    let (kind, value): (&[u8], &[u8]) = match (correlation, id) {
+        (Some(c), _) => (b"c", c),
+        (None, Some(id)) => (b"i", id.as_bytes()),
+        (None, None) => return None,
+    };
+    let mut h = Sha256::new();
+    for part in [
+        request_topic.as_bytes(),
+        reply_topic.as_bytes(),
+        kind,
+        value,
+    ] {
+        // Length-prefixed, so no two different tuples hash the same bytes.
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
     }
-}
-
-/// A topic name a client may publish to: non-empty, no wildcards, no NUL.
-pub fn is_publishable(topic: &str) -> bool {
-    !topic.is_empty() && !topic.contains(['+', '#', '\0']) && topic.len() <= 65_535
+    Some(h.finalize().into())
 }
 
 #[cfg(test)]
@@ -182,41 +352,161 @@ mod tests {
     }
 
     #[test]
-    fn reply_routing_prefers_the_response_topic() {
-        let d = || "tether/pi-1/result/digits".to_owned();
+    fn reply_topics_follow_the_rules() {
+        let t = Topics::new("tether", "pi-1", None);
+        let long = "a".repeat(MAX_TOPIC_BYTES + 1);
+        let cases: &[(&str, Result<(), TopicRefusal>)] = &[
+            ("my/replies", Ok(())),
+            ("clients/ü/réponses", Ok(())),
+            ("tether/pi-1/result/digits", Ok(())),
+            ("tether/replies/c7", Ok(())),
+            ("tetherx/pi-1/config", Ok(())),
+            ("", Err(TopicRefusal::Empty)),
+            (&long, Err(TopicRefusal::TooLong(MAX_TOPIC_BYTES + 1))),
+            ("a/+/b", Err(TopicRefusal::Wildcard)),
+            ("a/#", Err(TopicRefusal::Wildcard)),
+            ("r\u{0}x", Err(TopicRefusal::Control('\u{0}'))),
+            ("r\u{1}x", Err(TopicRefusal::Control('\u{1}'))),
+            ("r\u{1f}x", Err(TopicRefusal::Control('\u{1f}'))),
+            ("r\u{7f}x", Err(TopicRefusal::Control('\u{7f}'))),
+            ("r\u{9f}x", Err(TopicRefusal::Control('\u{9f}'))),
+            ("r\u{fdd0}x", Err(TopicRefusal::NonCharacter('\u{fdd0}'))),
+            ("r\u{fffe}", Err(TopicRefusal::NonCharacter('\u{fffe}'))),
+            ("r\u{1ffff}", Err(TopicRefusal::NonCharacter('\u{1ffff}'))),
+            ("$SYS/broker", Err(TopicRefusal::Reserved)),
+            ("$share/g/t", Err(TopicRefusal::Reserved)),
+            (
+                "tether/pi-1/config",
+                Err(TopicRefusal::AgentTopic("config")),
+            ),
+            (
+                "tether/pi-1/config/status",
+                Err(TopicRefusal::AgentTopic("config")),
+            ),
+            (
+                "tether/pi-1/status",
+                Err(TopicRefusal::AgentTopic("status")),
+            ),
+            (
+                "tether/pi-2/telemetry",
+                Err(TopicRefusal::AgentTopic("telemetry")),
+            ),
+            (
+                "tether/pi-1/events/pump",
+                Err(TopicRefusal::AgentTopic("events")),
+            ),
+            (
+                "tether/pi-9/infer/digits",
+                Err(TopicRefusal::AgentTopic("infer")),
+            ),
+            (
+                "tether/pool/infer/digits",
+                Err(TopicRefusal::AgentTopic("infer")),
+            ),
+            (
+                "tether/fleet/lab/config",
+                Err(TopicRefusal::AgentTopic("fleet")),
+            ),
+        ];
+        for (topic, want) in cases {
+            assert_eq!(
+                t.check_reply_topic(topic),
+                *want,
+                "{:?}",
+                topic.chars().take(40).collect::<String>()
+            );
+        }
+        let limited = Topics::new("a/b", "d", None).with_reply_prefixes(vec!["replies/".into()]);
+        assert_eq!(limited.check_reply_topic("replies/x"), Ok(()));
+        assert_eq!(
+            limited.check_reply_topic("other/x"),
+            Err(TopicRefusal::NotAllowed)
+        );
+        assert_eq!(
+            limited.check_reply_topic("a/b/d/status"),
+            Err(TopicRefusal::AgentTopic("status")),
+            "a multi-segment prefix is matched whole"
+        );
+    }
+
+    #[test]
+    fn reply_routing_prefers_the_response_topic_and_refuses_bad_ones() {
+        let t = Topics::new("tether", "pi-1", None);
+        let default = "tether/pi-1/result/digits";
+        let ok = |topic: &str, correlation: Option<&[u8]>, v5| {
+            Ok(ReplyRoute {
+                topic: topic.to_owned(),
+                correlation: correlation.map(<[u8]>::to_vec),
+                v5,
+            })
+        };
+        let refused = |refusal, correlation: Option<&[u8]>, v5| {
+            Err(RefusedRoute {
+                refusal,
+                fallback: ReplyRoute {
+                    topic: default.to_owned(),
+                    correlation: correlation.map(<[u8]>::to_vec),
+                    v5,
+                },
+            })
+        };
+        let c1: &[u8] = b"c1";
         let cases = [
             (
                 Some("resp/1"),
-                Some(&b"c1"[..]),
+                Some(c1),
                 Some("rt/1"),
-                "resp/1",
-                Some(b"c1".to_vec()),
+                ok("resp/1", Some(c1), true),
             ),
-            (None, None, Some("rt/1"), "rt/1", None),
-            (None, None, None, "tether/pi-1/result/digits", None),
-            (Some("bad/+"), None, Some("rt/1"), "rt/1", None),
-            (None, None, Some("bad/#"), "tether/pi-1/result/digits", None),
+            (None, None, Some("rt/1"), ok("rt/1", None, false)),
+            (None, None, None, ok(default, None, false)),
+            (None, Some(c1), None, ok(default, Some(c1), true)),
+            (
+                Some("bad/+"),
+                None,
+                Some("rt/1"),
+                refused(TopicRefusal::Wildcard, None, true),
+            ),
+            (
+                None,
+                None,
+                Some("tether/pi-1/config"),
+                refused(TopicRefusal::AgentTopic("config"), None, false),
+            ),
             (
                 Some(""),
-                Some(&b""[..]),
+                Some(b"".as_slice()),
                 None,
-                "tether/pi-1/result/digits",
-                Some(Vec::new()),
+                refused(TopicRefusal::Empty, Some(b"".as_slice()), true),
             ),
         ];
-        for (response_topic, corr, reply_to, topic, correlation) in cases {
-            let r = reply_route(response_topic, corr, reply_to, d());
-            let v5 = response_topic.is_some() || corr.is_some();
+        for (response_topic, corr, reply_to, want) in cases {
             assert_eq!(
-                r,
-                ReplyRoute {
-                    topic: topic.to_owned(),
-                    correlation,
-                    v5
-                },
+                t.reply_route(response_topic, corr, reply_to, "digits"),
+                want,
                 "{response_topic:?} {reply_to:?}"
             );
         }
+    }
+
+    #[test]
+    fn identities_need_correlation_data_or_an_id_and_tell_requests_apart() {
+        let a = identity("t/infer/m", "r", Some(b"1"), None).unwrap();
+        assert_eq!(Some(a), identity("t/infer/m", "r", Some(b"1"), Some("x")));
+        assert_ne!(Some(a), identity("t/infer/m", "r", Some(b"2"), None));
+        assert_ne!(Some(a), identity("t/infer/m", "r2", Some(b"1"), None));
+        assert_ne!(Some(a), identity("t/infer/n", "r", Some(b"1"), None));
+        assert_ne!(
+            Some(a),
+            identity("t/infer/m", "r", None, Some("1")),
+            "an id is not correlation data"
+        );
+        assert_ne!(
+            identity("a", "bc", None, Some("d")),
+            identity("ab", "c", None, Some("d")),
+            "parts do not run into each other"
+        );
+        assert_eq!(identity("t", "r", None, None), None);
     }
 
     #[test]

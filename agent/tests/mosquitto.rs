@@ -531,6 +531,7 @@ async fn outbox_rides_out(fault: Fault) {
         raw.inference.queue = 1000;
         // A backlog test, not a budget test: every request may wait its turn.
         raw.policy.default_budget_ms = 600_000;
+        raw.policy.max_budget_ms = 600_000;
     })
     .await;
     let mut req = Requester::connect_persistent(broker_addr, &device).await;
@@ -641,7 +642,7 @@ async fn an_agent_killed_at_random_points_loses_no_acknowledged_reply() {
     // each commit waits for the disk.
     std::fs::write(
         &config,
-        "[inference]\nqueue = 10000\n[policy]\ndefault_budget_ms = 600000\n[store]\nsynchronous = \"full\"\nmax_batch = 1\n[store.history]\nsample = 1.0\ninputs = \"store\"\n",
+        "[inference]\nqueue = 10000\n[policy]\ndefault_budget_ms = 600000\nmax_budget_ms = 600000\n[store]\nsynchronous = \"full\"\nmax_batch = 1\n[store.history]\nsample = 1.0\ninputs = \"store\"\n",
     )
     .unwrap();
     let spawn = |round: usize| {
@@ -671,15 +672,22 @@ async fn an_agent_killed_at_random_points_loses_no_acknowledged_reply() {
 
     // The first start makes the agent's persistent session; until then requests would go nowhere.
     let mut child = spawn(0);
-    loop {
+    let mut warm = false;
+    for _ in 0..120 {
         req.send(topic, &golden("digits"), b"warmup").await;
         if tokio::time::timeout(Duration::from_millis(500), req.next_any())
             .await
             .is_ok()
         {
+            warm = true;
             break;
         }
     }
+    assert!(
+        warm,
+        "the agent did not answer within a minute; its log: {}",
+        std::fs::read_to_string(dir.join("agent-0.log")).unwrap_or_default()
+    );
     let rounds = 20;
     let per_round = 250;
     let mut sent = 0;

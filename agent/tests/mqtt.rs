@@ -218,7 +218,9 @@ async fn bad_requests_get_coded_errors_and_the_agent_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_beyond_the_queue_gets_overloaded_and_the_rest_are_answered() {
+async fn a_burst_beyond_the_queue_is_taken_at_the_agents_pace_and_all_answered() {
+    // One worker and a queue of 2: the agent takes 3 requests at a time (its Receive
+    // Maximum, and it stops reading past it); the other 27 wait in the broker, not refused.
     let agent = TestAgent::start("dev-burst", |raw| {
         raw.inference.workers = Some(1);
         raw.inference.queue = 2;
@@ -236,42 +238,19 @@ async fn a_burst_beyond_the_queue_gets_overloaded_and_the_rest_are_answered() {
         .await;
     }
     let replies = req.collect(n, Duration::from_secs(60)).await;
-    let dups: Vec<_> = replies
-        .iter()
-        .filter(|(_, r)| r.len() > 1)
-        .map(|(c, r)| {
-            (
-                String::from_utf8_lossy(c).into_owned(),
-                r.iter().map(|x| x.body["code"].clone()).collect::<Vec<_>>(),
-            )
-        })
-        .collect();
-    assert_eq!(replies.len(), n, "duplicates: {dups:?}");
-    let overloaded = replies
-        .values()
-        .filter(|r| r[0].body["code"] == "overloaded")
-        .count();
-    let served = replies
-        .values()
-        .filter(|r| r[0].body["model_name"] == "ocr_det")
-        .count();
-    assert!(
-        overloaded > 0,
-        "a burst of {n} into a queue of 2 must overflow"
-    );
-    assert!(
-        served >= 3,
-        "at least the queued requests are served: {served}"
-    );
-    let other: Vec<&Value> = replies
+    assert_eq!(replies.len(), n, "one reply per request");
+    let not_served: Vec<&Value> = replies
         .values()
         .map(|r| &r[0].body)
-        .filter(|b| b["code"] != "overloaded" && b["model_name"] != "ocr_det")
+        .filter(|b| b["model_name"] != "ocr_det")
         .collect();
-    assert_eq!(
-        overloaded + served,
-        n,
-        "every request is either served or refused as overloaded: {other:?}"
+    assert!(
+        not_served.is_empty(),
+        "every request of the burst is served: {not_served:?}"
+    );
+    assert!(
+        req.quiet_for(Duration::from_millis(300)).await,
+        "and answered once"
     );
     agent.stop().await;
 }

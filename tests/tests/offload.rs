@@ -15,9 +15,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use agent::stream::{self, Outcome, Phase, StreamConfig};
 use common::TestAgent;
 use serde_json::{Value, json};
+use tools::stream::{self, Outcome, Phase, StreamConfig};
 
 /// One worker at 10 ms an inference: about 100 requests a second.
 const SERVICE_MS: f64 = 10.0;

@@ -7,7 +7,6 @@
 //! {"key": "ops", "alg": "ed25519", "signature": "<base64>", "payload": "{\"version\": 3, ...}"}
 //! ```
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use base64::Engine as _;
@@ -32,41 +31,16 @@ pub struct Envelope {
     pub payload: String,
 }
 
-/// The public keys an agent trusts, by name.
-#[derive(Debug, Clone, Default)]
-pub struct TrustedKeys(BTreeMap<String, [u8; 32]>);
+pub use crate::config::TrustedKeys;
 
-impl TrustedKeys {
-    /// From `[fleet.keys]`: name = 64 hex digits. Errors are sentences naming the key.
-    pub fn from_hex(keys: &BTreeMap<String, String>) -> Result<TrustedKeys, Vec<String>> {
-        let mut out = BTreeMap::new();
-        let mut errors = Vec::new();
-        for (name, text) in keys {
-            match hex::decode(text.trim())
-                .ok()
-                .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            {
-                Some(k) => {
-                    out.insert(name.clone(), k);
-                }
-                None => errors.push(format!(
-                    "fleet.keys.{name} is not an ed25519 public key: write the 64 hex digits `tether-agent fleet keygen` printed"
-                )),
-            }
-        }
-        if errors.is_empty() {
-            Ok(TrustedKeys(out))
-        } else {
-            Err(errors)
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
+/// Opening envelopes with the trusted keys.
+pub trait Open {
     /// Checks an envelope and returns the payload it carries, or why it is refused.
-    pub fn open(&self, bytes: &[u8]) -> Result<String, Rejection> {
+    fn open(&self, bytes: &[u8]) -> Result<String, Rejection>;
+}
+
+impl Open for TrustedKeys {
+    fn open(&self, bytes: &[u8]) -> Result<String, Rejection> {
         let envelope: Envelope = serde_json::from_slice(bytes).map_err(|e| {
             Rejection::NotSigned(format!(
                 "the message is not a signed envelope ({e}); sign documents with `tether-agent fleet sign`"
@@ -78,11 +52,11 @@ impl TrustedKeys {
                 envelope.alg
             )));
         }
-        let Some(public) = self.0.get(&envelope.key) else {
+        let Some(public) = self.get(&envelope.key) else {
             return Err(Rejection::UnknownKey(format!(
                 "the document is signed with key `{}`, which this device does not trust (trusted: {})",
                 envelope.key,
-                self.0.keys().cloned().collect::<Vec<_>>().join(", ")
+                self.names().collect::<Vec<_>>().join(", ")
             )));
         };
         let signature = B64.decode(envelope.signature.trim()).map_err(|_| {

@@ -3,17 +3,7 @@
 
 use std::time::Duration;
 
-/// `[fleet]`'s health-check settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HealthRule {
-    /// Local runs that decide (the first N after the switch).
-    pub requests: usize,
-    /// Roll back when more than this share of them failed.
-    pub max_error_rate: f64,
-    /// With fewer runs than `requests` by then, the configuration is judged on what ran (and
-    /// kept when nothing did).
-    pub window: Duration,
-}
+pub use crate::config::HealthRule;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

@@ -13,7 +13,6 @@ pub mod doc;
 pub mod download;
 pub mod envelope;
 pub mod health;
-pub mod operator;
 pub mod telemetry;
 
 use std::collections::BTreeMap;
@@ -24,18 +23,17 @@ use std::time::{Duration, Instant};
 use models::manifest::{Variant, VariantSpec};
 use models::{Engine, EngineConfig};
 use serde::Serialize;
-use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RawConfig};
 use crate::live::{Live, Settings};
-use crate::mqtt::{Client, Incoming};
-use crate::serve::RunCounters;
+use crate::mqtt::{Client, Message};
+use crate::pipeline::RunCounters;
 use crate::store::{FleetRow, Limits, StoreHandle, now_ms};
 use doc::{Desired, DocTopics, Document, Source};
 use download::Fetcher;
-use envelope::TrustedKeys;
+use envelope::{Open as _, TrustedKeys};
 use health::{HealthRule, Verdict};
 
 /// Why a document was not applied, with the sentence its sender reads.
@@ -603,7 +601,7 @@ impl Fleet {
     /// each outcome, and watches health checks.
     pub async fn run(
         mut self,
-        mut rx: mpsc::Receiver<Incoming>,
+        mut rx: mpsc::Receiver<Message>,
         client: Client,
         stop: CancellationToken,
     ) {
@@ -621,9 +619,8 @@ impl Fleet {
                     let Some(m) = m else { return };
                     let topic = String::from_utf8_lossy(&m.topic).into_owned();
                     let s = self.handle(&topic, &m.payload).await;
-                    if let Err(e) = client.try_ack(&m) {
-                        tracing::warn!(error = %e, "Cannot acknowledge a fleet document; the broker will send it again.");
-                    }
+                    // Handled (and what it changed saved): the driver acknowledges it.
+                    m.ticket.commit();
                     s
                 }
                 _ = tick.tick() => self.settle(false).await,
@@ -725,47 +722,4 @@ pub async fn telemetry_loop(
             tracing::debug!(error = %e, "Telemetry not sent.");
         }
     }
-}
-
-/// The device's retained status (`{prefix}/{device_id}/status`), as of now.
-pub fn device_status(
-    online: bool,
-    config: &Config,
-    live: &Live,
-    counters: &crate::store::Counters,
-    started_at: &str,
-) -> Vec<u8> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let settings = live.get();
-    let models: Vec<_> = settings
-        .engine
-        .models()
-        .map(|m| json!({"name": m.name(), "version": m.spec().version, "variant": m.variant().variant.as_str(), "sha256": m.sha256()}))
-        .collect();
-    let c = counters;
-    serde_json::to_vec(&json!({
-        "online": online,
-        "device_id": config.device_id,
-        "agent_version": crate::VERSION,
-        "models": models,
-        "config_version": settings.config_version,
-        "groups": config.fleet.groups,
-        "pool": config.pool,
-        "workers": config.inference.workers,
-        "started_at": started_at,
-        "relay": config.relay.as_ref().map(|r| r.url.to_string()),
-        "local_only": config.relay.is_none() || settings.policy.policy.mode == crate::policy::Mode::LocalOnly,
-        "policy": settings.policy.policy.mode,
-        "outbox": {
-            "rows": c.outbox_rows.load(Relaxed),
-            "bytes": c.outbox_bytes.load(Relaxed),
-            "dropped": c.outbox_dropped.load(Relaxed),
-        },
-        "cache": {
-            "rows": c.cache_rows.load(Relaxed),
-            "bytes": c.cache_bytes.load(Relaxed),
-            "evicted": c.cache_evicted.load(Relaxed),
-        },
-    }))
-    .unwrap_or_default()
 }

@@ -1,7 +1,8 @@
 //! Sensors and actuators: inference nobody requested. Each source samples on a thread of its
 //! own and hands its windows to the same path as MQTT requests (cache, policy, local or cloud)
-//! through an in-process request; results are published on `{prefix}/{device_id}/events/{source}`
-//! through the outbox (so they wait out a broker outage), and drive actuators.
+//! as a typed in-process request, and gets a typed answer; results are published on
+//! `{prefix}/{device_id}/events/{source}` through the outbox (so they wait out a broker
+//! outage), and drive actuators.
 //!
 //! - `mpu6050`: the accelerometer driver (embedded-hal 1.0), tested against embedded-hal-mock.
 //! - `sim`: a simulated MPU-6050 on a simulated rotating machine, with injectable faults.
@@ -25,11 +26,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use embedded_hal::i2c::I2c;
-use serde::{Deserialize, Serialize};
+
 use serde_json::{Value, json};
 
-use crate::mqtt::Incoming;
-use crate::serve::Intake;
+pub use crate::config::{ActuatorKind, RawActuator, RawSensor, SensorKind};
+use models::v2::{InferenceResponse, ResponseData};
+use models::{Tensor, TensorData};
+
+use crate::pipeline::{Intake, LocalRequest};
+use crate::protocol::Topics;
 use crate::store::outbox::OutMessage;
 use crate::store::{StoreHandle, now_ms};
 use actuator::{Actuator, Rule, SimPin};
@@ -43,231 +48,6 @@ const POLL: Duration = Duration::from_millis(20);
 const WINDOW_QUEUE: usize = 8;
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-
-/// What a sensor is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SensorKind {
-    /// An MPU-6050 on a Linux I2C bus (`/dev/i2c-N`); needs the `hw` feature.
-    Mpu6050,
-    /// A simulated MPU-6050 on a simulated machine, with scheduled faults.
-    Simulated,
-    /// 16 kHz mono PCM (WAV, raw s16le, a named pipe or stdin) for the VAD model.
-    Audio,
-}
-
-/// `[[sensors]]` in agent.toml.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawSensor {
-    /// The source's name: events go to `{prefix}/{device_id}/events/{name}`.
-    pub name: String,
-    pub kind: SensorKind,
-    /// The model its windows go to (default: `vibration`, or `vad` for audio).
-    #[serde(default)]
-    pub model: Option<String>,
-    /// `mpu6050`: the bus, such as `/dev/i2c-1`.
-    #[serde(default)]
-    pub i2c_bus: Option<PathBuf>,
-    /// I2C address (0x68, or 0x69 with AD0 high).
-    #[serde(default = "default_address")]
-    pub address: u8,
-    /// Full scale in g: 2, 4, 8 or 16.
-    #[serde(default = "default_range")]
-    pub range_g: u8,
-    /// Samples per second (the vibration model was trained at 1000).
-    #[serde(default = "default_rate")]
-    pub rate_hz: u32,
-    /// The latency budget of each window's inference.
-    #[serde(default)]
-    pub budget_ms: Option<u64>,
-    /// `audio`: the input (`-` for stdin).
-    #[serde(default)]
-    pub path: Option<PathBuf>,
-    /// `audio`: read a file at the pace of a microphone (a pipe or stdin sets its own pace).
-    #[serde(default)]
-    pub realtime: bool,
-    /// `audio`: speech from this probability; silence this long ends a segment; segments
-    /// shorter than `min_speech_ms` are ignored.
-    #[serde(default = "default_vad_threshold")]
-    pub vad_threshold: f64,
-    #[serde(default = "default_min_silence")]
-    pub min_silence_ms: u64,
-    #[serde(default = "default_min_speech")]
-    pub min_speech_ms: u64,
-    /// `simulated`: the machine's condition over time, and faults to inject.
-    #[serde(default)]
-    pub condition: Vec<sim::Phase>,
-    #[serde(default)]
-    pub faults: Vec<sim::Fault>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-}
-
-fn default_address() -> u8 {
-    mpu6050::DEFAULT_ADDRESS
-}
-fn default_range() -> u8 {
-    2
-}
-fn default_rate() -> u32 {
-    1000
-}
-fn default_vad_threshold() -> f64 {
-    0.5
-}
-fn default_min_silence() -> u64 {
-    300
-}
-fn default_min_speech() -> u64 {
-    150
-}
-
-/// What drives an actuator's pin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ActuatorKind {
-    /// A line of a GPIO chip (`/dev/gpiochipN`); needs the `hw` feature.
-    Gpio,
-    /// A simulated pin: its changes are logged and published.
-    Simulated,
-}
-
-/// `[[actuators]]` in agent.toml.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawActuator {
-    pub name: String,
-    pub kind: ActuatorKind,
-    #[serde(default)]
-    pub chip: Option<PathBuf>,
-    #[serde(default)]
-    pub line: Option<u32>,
-    #[serde(default)]
-    pub active_low: bool,
-    /// The sensor whose results drive it.
-    pub source: String,
-    /// Raised when this class is detected...
-    pub on_class: String,
-    /// ...with at least this probability...
-    #[serde(default = "default_min_probability")]
-    pub min_probability: f64,
-    /// ...and held this long after the last detection...
-    #[serde(default = "default_hold")]
-    pub hold_ms: u64,
-    /// ...once this many results in a row say so.
-    #[serde(default = "default_confirm")]
-    pub confirm_windows: u32,
-}
-
-fn default_confirm() -> u32 {
-    2
-}
-
-fn default_min_probability() -> f64 {
-    0.8
-}
-fn default_hold() -> u64 {
-    5000
-}
-
-/// Checks `[[sensors]]` and `[[actuators]]`; one sentence per problem.
-pub fn validate(sensors: &[RawSensor], actuators: &[RawActuator], errors: &mut Vec<String>) {
-    let mut names = std::collections::BTreeSet::new();
-    for s in sensors {
-        if s.name.is_empty() || s.name.contains(['/', '+', '#']) {
-            errors.push(format!(
-                "sensor name `{}` must be a non-empty topic segment",
-                s.name
-            ));
-        }
-        if !names.insert(s.name.clone()) {
-            errors.push(format!("two sensors are named `{}`", s.name));
-        }
-        match s.kind {
-            SensorKind::Mpu6050 | SensorKind::Simulated => {
-                if Range::from_g(s.range_g).is_none() {
-                    errors.push(format!(
-                        "sensors `{}`: range_g is {}; use 2, 4, 8 or 16",
-                        s.name, s.range_g
-                    ));
-                }
-                if !(4..=1000).contains(&s.rate_hz) || 1000 % s.rate_hz != 0 {
-                    errors.push(format!(
-                        "sensors `{}`: rate_hz is {}; use 1000 divided by a whole number (1000, 500, 250, ...), at least 4",
-                        s.name, s.rate_hz
-                    ));
-                }
-                if s.kind == SensorKind::Mpu6050 {
-                    if s.i2c_bus.is_none() {
-                        errors.push(format!(
-                            "sensors `{}`: an mpu6050 needs i2c_bus, such as \"/dev/i2c-1\"",
-                            s.name
-                        ));
-                    }
-                    if !cfg!(feature = "hw") {
-                        errors.push(format!(
-                            "sensors `{}`: this tether-agent was built without the `hw` feature, so it cannot open I2C buses; build with --features hw or use kind = \"simulated\"",
-                            s.name
-                        ));
-                    }
-                }
-            }
-            SensorKind::Audio => {
-                if s.path.is_none() {
-                    errors.push(format!(
-                        "sensors `{}`: an audio source needs path (a WAV or raw s16le file, a named pipe, or \"-\" for stdin)",
-                        s.name
-                    ));
-                }
-                if !(0.0..=1.0).contains(&s.vad_threshold) {
-                    errors.push(format!(
-                        "sensors `{}`: vad_threshold is {}; use a probability from 0 to 1",
-                        s.name, s.vad_threshold
-                    ));
-                }
-            }
-        }
-    }
-    let mut actuator_names = std::collections::BTreeSet::new();
-    for a in actuators {
-        if !actuator_names.insert(a.name.clone()) {
-            errors.push(format!("two actuators are named `{}`", a.name));
-        }
-        if !names.contains(&a.source) {
-            errors.push(format!(
-                "actuators `{}`: source `{}` is not one of [[sensors]]",
-                a.name, a.source
-            ));
-        }
-        if !(0.0..=1.0).contains(&a.min_probability) {
-            errors.push(format!(
-                "actuators `{}`: min_probability is {}; use 0 to 1",
-                a.name, a.min_probability
-            ));
-        }
-        if a.confirm_windows == 0 {
-            errors.push(format!(
-                "actuators `{}`: confirm_windows must be at least 1",
-                a.name
-            ));
-        }
-        if a.kind == ActuatorKind::Gpio {
-            if a.chip.is_none() || a.line.is_none() {
-                errors.push(format!(
-                    "actuators `{}`: a gpio actuator needs chip (\"/dev/gpiochip0\") and line",
-                    a.name
-                ));
-            }
-            if !cfg!(feature = "hw") {
-                errors.push(format!(
-                    "actuators `{}`: this tether-agent was built without the `hw` feature, so it cannot drive GPIO lines; build with --features hw or use kind = \"simulated\"",
-                    a.name
-                ));
-            }
-        }
-    }
-}
 
 /// Per source, since start.
 #[derive(Debug, Default)]
@@ -333,7 +113,6 @@ pub struct SensorsView {
 struct Outlet {
     source: String,
     model: String,
-    request_topic: String,
     events_topic: String,
     intake: Intake,
     store: StoreHandle,
@@ -348,44 +127,34 @@ impl Outlet {
             m.insert("source".into(), json!(self.source));
             m.insert("ts_ms".into(), json!(now_ms()));
         }
-        let message = OutMessage {
-            topic: self.events_topic.clone(),
-            payload: body.to_string().into_bytes(),
-            correlation: None,
-            v5: false,
-            retain: false,
-        };
-        self.store.append(
-            message,
-            Box::new(|r| {
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "Cannot store a sensor event.");
-                }
-            }),
-        );
+        self.store.append_event(OutMessage::event(
+            self.events_topic.clone(),
+            body.to_string().into_bytes(),
+        ));
     }
 
-    /// Runs one request through the agent's pipeline and waits for its reply.
-    fn infer(&self, inputs: Value, id: String, cache: bool) -> Result<Value, String> {
-        let mut params = serde_json::Map::new();
-        if let Some(b) = self.budget_ms {
-            params.insert("budget_ms".into(), json!(b));
+    /// Runs one request through the agent's pipeline and waits for its answer.
+    fn infer(
+        &self,
+        inputs: Vec<Tensor>,
+        id: String,
+        cache: bool,
+    ) -> Result<InferenceResponse, Value> {
+        let budget = self.budget_ms.map(Duration::from_millis);
+        let rx = self.intake.submit(LocalRequest {
+            model: self.model.clone(),
+            id,
+            inputs,
+            budget,
+            cache,
+        });
+        // The pipeline answers every request by its budget; the margin is for a busy device.
+        let wait = budget.unwrap_or(Duration::from_secs(1)) + Duration::from_secs(10);
+        match rx.recv_timeout(wait) {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(json!({"code": e.code, "error": e.error})),
+            Err(_) => Err(json!({"error": "the agent did not answer (shutting down?)"})),
         }
-        if !cache {
-            params.insert("cache".into(), json!(false));
-        }
-        let body = json!({"id": id, "inputs": inputs, "parameters": params});
-        let (tx, rx) = flume::bounded(1);
-        self.intake.dispatch(Incoming::local(
-            self.request_topic.clone(),
-            body.to_string().into_bytes(),
-            tx,
-        ));
-        let wait = Duration::from_millis(self.budget_ms.unwrap_or(1000)) + Duration::from_secs(10);
-        let reply = rx
-            .recv_timeout(wait)
-            .map_err(|_| "the agent did not answer (shutting down?)".to_owned())?;
-        serde_json::from_slice(&reply).map_err(|e| format!("an unreadable reply: {e}"))
     }
 }
 
@@ -393,8 +162,7 @@ impl Outlet {
 pub fn start(
     sensors: &[RawSensor],
     actuators: &[RawActuator],
-    prefix: &str,
-    device_id: &str,
+    topics: &Topics,
     intake: &Intake,
     store: &StoreHandle,
 ) -> Result<Sensors, String> {
@@ -411,9 +179,8 @@ pub fn start(
         });
         let outlet = Outlet {
             source: s.name.clone(),
-            request_topic: format!("{prefix}/{device_id}/infer/{model}"),
             model,
-            events_topic: format!("{prefix}/{device_id}/events/{}", s.name),
+            events_topic: topics.events(&s.name),
             intake: intake.clone(),
             store: store.clone(),
             budget_ms: s.budget_ms,
@@ -779,29 +546,28 @@ fn report_loop(
             continue;
         };
         outlet.counters.windows.fetch_add(1, Ordering::Relaxed);
-        let inputs =
-            json!([{"name": "input", "shape": [1, 3, WINDOW], "datatype": "FP32", "data": w.data}]);
-        let reply = outlet.infer(inputs, format!("{}-{}", outlet.source, w.index), true);
-        let reply = match reply {
-            Ok(r) if r.get("error").is_none() => r,
-            Ok(r) => {
-                outlet
-                    .counters
-                    .inference_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                outlet.event(json!({"kind": "inference_error", "window": w.index, "code": r.get("code"), "error": r.get("error")}));
+        let input = match Tensor::new("input", vec![1, 3, WINDOW], TensorData::F32(w.data)) {
+            Ok(t) => t,
+            Err(e) => {
+                outlet.event(
+                    json!({"kind": "inference_error", "window": w.index, "error": e.to_string()}),
+                );
                 continue;
             }
+        };
+        let reply = match outlet.infer(vec![input], format!("{}-{}", outlet.source, w.index), true)
+        {
+            Ok(r) => r,
             Err(e) => {
                 outlet
                     .counters
                     .inference_errors
                     .fetch_add(1, Ordering::Relaxed);
-                outlet.event(json!({"kind": "inference_error", "window": w.index, "error": e}));
+                outlet.event(json!({"kind": "inference_error", "window": w.index, "code": e.get("code"), "error": e.get("error")}));
                 continue;
             }
         };
-        let p = &reply["parameters"];
+        let p = &Value::Object(reply.parameters.unwrap_or_default());
         let top = &p["classes"][0][0];
         let label = top["label"].as_str().unwrap_or("").to_owned();
         let probability = top["probability"].as_f64().unwrap_or(0.0);
@@ -877,45 +643,42 @@ fn audio_loop(cfg: &RawSensor, outlet: &Outlet, stop: &AtomicBool) {
         let mut input = context.clone();
         input.extend_from_slice(&chunk);
         context.copy_from_slice(&chunk[audio::CHUNK - audio::CONTEXT..]);
-        let inputs = json!([
-            {"name": "input", "shape": [1, audio::CONTEXT + audio::CHUNK], "datatype": "FP32", "data": input},
-            {"name": "state", "shape": [2, 1, 128], "datatype": "FP32", "data": state},
-        ]);
+        let inputs = Tensor::new(
+            "input",
+            vec![1, audio::CONTEXT + audio::CHUNK],
+            TensorData::F32(input),
+        )
+        .and_then(|i| {
+            Tensor::new("state", vec![2, 1, 128], TensorData::F32(state.clone()))
+                .map(|s| vec![i, s])
+        });
         outlet.counters.windows.fetch_add(1, Ordering::Relaxed);
-        let reply = outlet.infer(inputs, format!("{}-{index}", outlet.source), false);
+        let reply = match inputs {
+            Ok(inputs) => outlet.infer(inputs, format!("{}-{index}", outlet.source), false),
+            Err(e) => Err(json!({"error": e.to_string()})),
+        };
         index += 1;
-        let outputs = match reply {
-            Ok(r) if r.get("error").is_none() => r["outputs"].clone(),
-            other => {
-                let error = match other {
-                    Ok(r) => r["error"].as_str().unwrap_or("an error").to_owned(),
-                    Err(e) => e,
-                };
+        let response = match reply {
+            Ok(r) => r,
+            Err(e) => {
                 outlet
                     .counters
                     .inference_errors
                     .fetch_add(1, Ordering::Relaxed);
-                outlet.event(json!({"kind": "inference_error", "t_s": t_s, "error": error}));
+                outlet
+                    .event(json!({"kind": "inference_error", "t_s": t_s, "error": e.get("error")}));
                 // The recurrent state is lost with the answer: start it over.
                 state.iter_mut().for_each(|v| *v = 0.0);
                 continue;
             }
         };
-        let find = |name: &str| {
-            outputs
-                .as_array()
-                .and_then(|o| o.iter().find(|t| t["name"] == name))
-                .and_then(|t| t["data"].as_array().cloned())
-        };
-        let p = find("output")
-            .and_then(|d| d.first().and_then(Value::as_f64))
-            .unwrap_or(0.0);
-        if let Some(s) = find("stateN")
+        let p = output_f32(&response, "output")
+            .and_then(|d| d.first().copied())
+            .map_or(0.0, f64::from);
+        if let Some(s) = output_f32(&response, "stateN")
             && s.len() == state.len()
         {
-            for (dst, v) in state.iter_mut().zip(s) {
-                *dst = v.as_f64().unwrap_or(0.0) as f32;
-            }
+            state.copy_from_slice(&s);
         }
         if let Some(ev) = seg.observe(p, t_s, chunk_s) {
             speech_event(outlet, ev);
@@ -926,6 +689,19 @@ fn audio_loop(cfg: &RawSensor, outlet: &Outlet, stop: &AtomicBool) {
     }
     outlet.event(json!({"kind": "stream_end", "chunks": index, "t_s": index as f64 * chunk_s}));
     tracing::info!(source = %outlet.source, chunks = index, "Audio input ended.");
+}
+
+/// The values of a response's output named `name`, as f32.
+fn output_f32(response: &InferenceResponse, name: &str) -> Option<Vec<f32>> {
+    let out = response.outputs.iter().find(|o| o.name == name)?;
+    match &out.data {
+        ResponseData::Typed(TensorData::F32(v)) => Some(v.clone()),
+        ResponseData::Typed(_) => None,
+        ResponseData::Json(Value::Array(a)) => {
+            a.iter().map(|v| v.as_f64().map(|f| f as f32)).collect()
+        }
+        ResponseData::Json(_) => None,
+    }
 }
 
 fn speech_event(outlet: &Outlet, ev: audio::Speech) {

@@ -8,7 +8,7 @@ use embedded_hal::delay::DelayNs;
 use embedded_hal::i2c::I2c;
 
 /// The I2C address with AD0 low (0x69 with AD0 high).
-pub const DEFAULT_ADDRESS: u8 = 0x68;
+pub const DEFAULT_ADDRESS: u8 = crate::config::DEFAULT_MPU6050_ADDRESS;
 
 /// Registers used (data sheet section 3, register map).
 pub mod reg {

@@ -8,47 +8,10 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use embedded_hal::i2c::{ErrorKind, ErrorType, I2c, NoAcknowledgeSource, Operation};
-use serde::{Deserialize, Serialize};
+
+pub use crate::config::{Condition, Fault, FaultKind, Phase};
 
 use super::mpu6050::{FIFO_BYTES, bits, reg};
-
-/// The machine's condition, as the vibration model's classes name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Condition {
-    Normal,
-    Imbalance,
-    BearingFault,
-}
-
-/// From `after_ms` on, the machine is in `state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Phase {
-    pub after_ms: u64,
-    pub state: Condition,
-}
-
-/// What can go wrong on the bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FaultKind {
-    /// The sensor does not acknowledge (unplugged, browned out).
-    Nack,
-    /// A bus error (noise, a stuck line).
-    Bus,
-    /// The sensor answers, but its output does not change.
-    Stuck,
-}
-
-/// From `after_ms`, for `duration_ms`, the bus or the sensor fails this way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Fault {
-    pub after_ms: u64,
-    pub kind: FaultKind,
-    pub duration_ms: u64,
-}
 
 /// A simulated rotating machine: shaft speed, residual unbalance, noise, gravity on z, and the
 /// condition's signature, as a function of time (the continuous form of the training windows).

@@ -1,7 +1,13 @@
-//! The agent's SQLite database: result cache, outbox and history, in one WAL-mode file owned by
-//! one dedicated thread. Everyone else holds a cheap [`StoreHandle`] and sends it commands over
-//! a bounded channel; the thread folds every command waiting into one transaction, so a burst
-//! of writes costs one commit. No SQLite call ever runs on an async executor thread.
+//! The agent's SQLite database: result cache, outbox, remembered replies and history, in one
+//! WAL-mode file owned by one dedicated thread. Everyone else holds a cheap [`StoreHandle`] and
+//! sends it commands; the thread folds every command waiting into one transaction, so a burst
+//! of writes costs one commit (group commit). No SQLite call ever runs on an async executor
+//! thread.
+//!
+//! Replies come on a lane of their own, each with its request's delivery [`Ticket`]: once the
+//! transaction holding the reply is committed, the ticket tells the MQTT driver to acknowledge
+//! the request. That lane never makes a sender wait: it holds at most one reply per request in
+//! flight, and the drivers' flow control bounds those.
 //!
 //! At start-up the file is checked (`PRAGMA quick_check`); a damaged file is moved aside, with
 //! an error in the log, and a fresh one created, so a device always comes back up.
@@ -22,11 +28,12 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::config::{StoreConfig, Synchronous};
+use crate::ticket::Ticket;
 use cache::{CacheKey, Cached, Front};
 use outbox::{OutMessage, OutboxRow};
 
-/// Commands waiting for the store thread; senders wait (workers) or are refused (the MQTT
-/// driver) beyond this.
+/// Commands waiting for the store thread (replies have a lane of their own); beyond this,
+/// senders of events wait and fire-and-forget writes (cache fills, history) are skipped.
 const COMMAND_QUEUE: usize = 4096;
 /// How often expired cache entries are purged.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
@@ -54,9 +61,30 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// Called on the store thread once an append is committed (with the row id) or has failed.
-/// It must not block.
-pub type Done = Box<dyn FnOnce(Result<i64, StoreError>) + Send>;
+/// A reply to store: the message to publish, the ticket of the request it answers (committed
+/// with it), and, for a request with an identity, the reply to remember for its duplicates.
+#[derive(Debug)]
+pub struct Reply {
+    pub message: OutMessage,
+    pub ticket: Option<Ticket>,
+    pub remember: Option<Remember>,
+}
+
+/// A reply remembered for de-duplication until `expires_ms`.
+#[derive(Debug, Clone)]
+pub struct Remember {
+    pub key: [u8; 32],
+    pub expires_ms: i64,
+}
+
+/// Why rows leave the outbox unsent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsent {
+    /// Their requester's expiry passed.
+    Expired,
+    /// The broker refused them too often.
+    Refused,
+}
 
 /// Live counters, readable by anyone without a trip to the store thread.
 #[derive(Debug, Default)]
@@ -64,6 +92,12 @@ pub struct Counters {
     pub outbox_rows: AtomicU64,
     pub outbox_bytes: AtomicU64,
     pub outbox_dropped: AtomicU64,
+    /// Replies not published because their requester's expiry had passed (since start).
+    pub outbox_expired: AtomicU64,
+    /// Messages the broker refused (since start).
+    pub outbox_refused: AtomicU64,
+    /// Replies remembered for de-duplication.
+    pub replies_rows: AtomicU64,
     pub cache_rows: AtomicU64,
     pub cache_bytes: AtomicU64,
     pub cache_hits: AtomicU64,
@@ -150,9 +184,11 @@ pub struct ModelCacheReport {
 }
 
 enum Command {
+    /// A reply (from the replies lane).
+    Reply(Box<Reply>),
+    /// An event, to publish through the outbox.
     Append {
         message: OutMessage,
-        done: Done,
     },
     Load {
         after: i64,
@@ -161,6 +197,19 @@ enum Command {
     },
     Delete {
         ids: Vec<i64>,
+    },
+    Unsent {
+        ids: Vec<i64>,
+        why: Unsent,
+    },
+    Remembered {
+        key: [u8; 32],
+        now_ms: i64,
+        reply: flume::Sender<Option<Vec<u8>>>,
+    },
+    RememberedKeys {
+        now_ms: i64,
+        reply: flume::Sender<Vec<([u8; 32], i64)>>,
     },
     CacheGet {
         key: CacheKey,
@@ -216,6 +265,8 @@ type KeyIndex = Arc<Mutex<HashSet<CacheKey>>>;
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
     commands_tx: flume::Sender<Command>,
+    /// Unbounded in type; holds at most one reply per request in flight.
+    replies_tx: flume::Sender<Command>,
     watermark_rx: watch::Receiver<i64>,
     front: Front,
     index: KeyIndex,
@@ -255,9 +306,10 @@ pub fn open(cfg: &StoreConfig, mode: OpenMode) -> Result<(StoreHandle, StoreThre
     let mut worker = Worker::new(conn, cfg.clone(), counters.clone(), index.clone())?;
     let (watermark_tx, watermark_rx) = watch::channel(worker.last_outbox_id()?);
     let (commands_tx, commands_rx) = flume::bounded(COMMAND_QUEUE);
+    let (replies_tx, replies_rx) = flume::unbounded();
     let thread = std::thread::Builder::new()
         .name("store".into())
-        .spawn(move || worker.run(&commands_rx, &watermark_tx))
+        .spawn(move || worker.run(&replies_rx, &commands_rx, &watermark_tx))
         .map_err(|e| StoreError::Open {
             path: cfg.path.clone(),
             reason: format!("cannot start the store thread: {e}"),
@@ -265,6 +317,7 @@ pub fn open(cfg: &StoreConfig, mode: OpenMode) -> Result<(StoreHandle, StoreThre
     Ok((
         StoreHandle {
             commands_tx,
+            replies_tx,
             watermark_rx,
             front: Front::new(cfg.cache.memory_entries),
             index,
@@ -393,40 +446,16 @@ fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
 }
 
 impl StoreHandle {
-    /// Writes a message to the outbox; `done` runs once it is committed. Waits while the
-    /// store's queue is full: call from a worker thread, never the async executor.
-    pub fn append(&self, message: OutMessage, done: Done) {
-        if let Err(flume::SendError(cmd)) = self.commands_tx.send(Command::Append { message, done })
-            && let Command::Append { done, .. } = cmd
-        {
-            done(Err(StoreError::Stopped));
-        }
+    /// Stores a reply; its ticket is committed with it. Never waits.
+    pub fn reply(&self, reply: Reply) {
+        // A store that has stopped drops the reply, and its ticket releases the request.
+        let _ = self.replies_tx.send(Command::Reply(Box::new(reply)));
     }
 
-    /// [`StoreHandle::append`] for async tasks: waits for room in the queue without blocking a
-    /// thread.
-    pub async fn append_async(&self, message: OutMessage, done: Done) {
-        if let Err(flume::SendError(Command::Append { done, .. })) = self
-            .commands_tx
-            .send_async(Command::Append { message, done })
-            .await
-        {
-            done(Err(StoreError::Stopped));
-        }
-    }
-
-    /// [`StoreHandle::append`] without waiting: a full queue fails the append at once.
-    pub fn try_append(&self, message: OutMessage, done: Done) {
-        match self.commands_tx.try_send(Command::Append { message, done }) {
-            Ok(()) => {}
-            Err(flume::TrySendError::Full(Command::Append { done, .. })) => {
-                done(Err(StoreError::Busy))
-            }
-            Err(flume::TrySendError::Disconnected(Command::Append { done, .. })) => {
-                done(Err(StoreError::Stopped));
-            }
-            Err(_) => {}
-        }
+    /// Writes an event to the outbox. Waits while the store's queue is full: call from a
+    /// thread, never the async executor. A failed write is logged by the store.
+    pub fn append_event(&self, message: OutMessage) {
+        let _ = self.commands_tx.send(Command::Append { message });
     }
 
     /// Up to `limit` outbox rows with ids above `after`, oldest first.
@@ -450,6 +479,45 @@ impl StoreHandle {
             Err(flume::TrySendError::Full(Command::Delete { ids })) => Err(ids),
             Err(_) => Ok(()),
         }
+    }
+
+    /// Deletes outbox rows that will not be sent (expired, refused), counting them. Gives the
+    /// ids back when the queue is full.
+    pub fn try_unsent(&self, ids: Vec<i64>, why: Unsent) -> Result<(), Vec<i64>> {
+        match self.commands_tx.try_send(Command::Unsent { ids, why }) {
+            Ok(()) => Ok(()),
+            Err(flume::TrySendError::Full(Command::Unsent { ids, .. })) => Err(ids),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// A remembered reply still valid at `now_ms` (waits for the store thread: call from a
+    /// thread).
+    pub fn remembered(&self, key: [u8; 32], now_ms: i64) -> Option<Vec<u8>> {
+        let (reply, rx) = flume::bounded(1);
+        self.commands_tx
+            .send(Command::Remembered { key, now_ms, reply })
+            .ok()?;
+        rx.recv().ok()?
+    }
+
+    /// The keys of the replies remembered and their expiry (Unix ms), to index at start.
+    pub async fn remembered_keys(&self, now_ms: i64) -> Vec<([u8; 32], i64)> {
+        let (reply, rx) = flume::bounded(1);
+        if self
+            .commands_tx
+            .send_async(Command::RememberedKeys { now_ms, reply })
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        rx.recv_async().await.unwrap_or_default()
+    }
+
+    /// Whether the store thread is running.
+    pub fn is_alive(&self) -> bool {
+        !self.commands_tx.is_disconnected()
     }
 
     /// The newest committed outbox id, changing as rows are appended.
@@ -630,7 +698,7 @@ fn lock(index: &KeyIndex) -> std::sync::MutexGuard<'_, HashSet<CacheKey>> {
 
 /// What to do once a batch is committed (or rolled back).
 enum After {
-    Appended(Done, i64),
+    Committed(Ticket),
     Flushed(flume::Sender<()>),
     Saved(flume::Sender<Result<(), StoreError>>),
 }
@@ -691,6 +759,11 @@ impl Worker {
             .counters
             .history_rows
             .store(history, Ordering::Relaxed);
+        let replies: u64 = self.conn.query_row(schema::REPLY_COUNT, [], |r| r.get(0))?;
+        self.state
+            .counters
+            .replies_rows
+            .store(replies, Ordering::Relaxed);
         let dropped: u64 =
             self.conn
                 .query_row(schema::COUNTER_GET, [schema::OUTBOX_DROPPED], |r| r.get(0))?;
@@ -708,17 +781,29 @@ impl Worker {
         Ok(())
     }
 
-    fn run(&mut self, commands_rx: &flume::Receiver<Command>, watermark_tx: &watch::Sender<i64>) {
+    fn run(
+        &mut self,
+        replies_rx: &flume::Receiver<Command>,
+        commands_rx: &flume::Receiver<Command>,
+        watermark_tx: &watch::Sender<i64>,
+    ) {
         let mut last_maintenance = Instant::now();
         loop {
             let mut batch = Vec::new();
-            match commands_rx.recv_timeout(MAINTENANCE_EVERY) {
-                Ok(c) => batch.push(c),
-                Err(flume::RecvTimeoutError::Timeout) => {}
-                Err(flume::RecvTimeoutError::Disconnected) => return,
+            let first = flume::Selector::new()
+                .recv(replies_rx, Result::ok)
+                .recv(commands_rx, Result::ok)
+                .wait_timeout(MAINTENANCE_EVERY);
+            match first {
+                Ok(Some(c)) => batch.push(c),
+                Ok(None) if replies_rx.is_disconnected() && commands_rx.is_disconnected() => {
+                    return;
+                }
+                Ok(None) | Err(flume::select::SelectError::Timeout) => {}
             }
+            // Everything waiting joins this transaction: replies first, they hold requests.
             while batch.len() < self.state.cfg.max_batch {
-                match commands_rx.try_recv() {
+                match replies_rx.try_recv().or_else(|_| commands_rx.try_recv()) {
                     Ok(c) => batch.push(c),
                     Err(_) => break,
                 }
@@ -753,30 +838,60 @@ impl Worker {
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut appended = false;
             let mut cached = false;
+            let mut remembered = false;
             for cmd in batch {
                 match cmd {
-                    Command::Append { message, done } => {
-                        tx.prepare_cached(schema::OUTBOX_APPEND)?.execute(params![
-                            message.topic,
-                            message.payload,
-                            message.correlation,
-                            message.v5,
-                            message.retain,
-                            now_ms()
-                        ])?;
-                        let id = tx.last_insert_rowid();
-                        self.state.last_outbox_id = id;
-                        self.state
-                            .counters
-                            .outbox_rows
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.state
-                            .counters
-                            .outbox_bytes
-                            .fetch_add(message.size(), Ordering::Relaxed);
-                        after.push(After::Appended(done, id));
+                    Command::Reply(reply) => {
+                        let Reply {
+                            message,
+                            ticket,
+                            remember,
+                        } = *reply;
+                        if let Some(r) = &remember {
+                            self.state.remember(&tx, r, &message.payload)?;
+                            remembered = true;
+                        }
+                        self.state.append(&tx, &message)?;
+                        if let Some(t) = ticket {
+                            after.push(After::Committed(t));
+                        }
                         appended = true;
                         writes += 1;
+                    }
+                    Command::Append { message } => {
+                        self.state.append(&tx, &message)?;
+                        appended = true;
+                        writes += 1;
+                    }
+                    Command::Unsent { ids, why } => {
+                        let n = self.state.delete_rows(&tx, &ids)?;
+                        let counter = match why {
+                            Unsent::Expired => &self.state.counters.outbox_expired,
+                            Unsent::Refused => &self.state.counters.outbox_refused,
+                        };
+                        counter.fetch_add(n, Ordering::Relaxed);
+                        writes += n;
+                    }
+                    Command::Remembered { key, now_ms, reply } => {
+                        let body: Option<Vec<u8>> = tx
+                            .prepare_cached(schema::REPLY_GET)?
+                            .query_row(params![&key[..], now_ms], |r| r.get(0))
+                            .optional()?;
+                        let _ = reply.send(body);
+                    }
+                    Command::RememberedKeys { now_ms, reply } => {
+                        let keys = tx
+                            .prepare_cached(schema::REPLY_KEYS)?
+                            .query_map([now_ms], |r| {
+                                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+                            })?
+                            .filter_map(|row| {
+                                row.ok().and_then(|(k, e)| {
+                                    <[u8; 32]>::try_from(k.as_slice()).ok().map(|k| (k, e))
+                                })
+                            })
+                            .collect();
+                        let _ = reply.send(keys);
                     }
                     Command::Load {
                         after: from,
@@ -786,22 +901,7 @@ impl Worker {
                         let _ = reply.send(load_outbox(&tx, from, limit).map_err(Into::into));
                     }
                     Command::Delete { ids } => {
-                        let mut stmt = tx.prepare_cached(schema::OUTBOX_DELETE)?;
-                        for id in ids {
-                            let bytes: Option<u64> =
-                                stmt.query_row([id], |r| r.get(0)).optional()?;
-                            if let Some(bytes) = bytes {
-                                self.state
-                                    .counters
-                                    .outbox_rows
-                                    .fetch_sub(1, Ordering::Relaxed);
-                                self.state
-                                    .counters
-                                    .outbox_bytes
-                                    .fetch_sub(bytes, Ordering::Relaxed);
-                                writes += 1;
-                            }
-                        }
+                        writes += self.state.delete_rows(&tx, &ids)?;
                     }
                     Command::CacheGet { key, now_ms, reply } => {
                         let _ = reply.send(self.state.cache_get(&tx, &key, now_ms)?);
@@ -902,6 +1002,9 @@ impl Worker {
             if cached {
                 self.state.bound_cache(&tx)?;
             }
+            if remembered || maintain {
+                self.state.bound_replies(&tx, maintain)?;
+            }
             if maintain {
                 let mut stmt = tx.prepare_cached(schema::CACHE_EXPIRED)?;
                 let freed: Vec<(Vec<u8>, u64)> = stmt
@@ -938,7 +1041,7 @@ impl Worker {
                 }
                 for a in after {
                     match a {
-                        After::Appended(done, id) => done(Ok(id)),
+                        After::Committed(ticket) => ticket.commit(),
                         After::Flushed(reply) => {
                             let _ = reply.send(());
                         }
@@ -949,12 +1052,13 @@ impl Worker {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "A database write failed and was rolled back; the requests it carried stay unacknowledged.");
+                tracing::error!(error = %e, "A database write failed and was rolled back; the requests it carried stay unacknowledged, for the broker to deliver again.");
                 self.state.last_outbox_id = last_id_before;
                 let err = StoreError::Write(e.to_string());
                 for a in after {
                     match a {
-                        After::Appended(done, _) => done(Err(err.clone())),
+                        // Not acknowledged: the broker delivers the request again.
+                        After::Committed(ticket) => ticket.release(),
                         After::Flushed(reply) => {
                             let _ = reply.send(());
                         }
@@ -973,6 +1077,67 @@ impl Worker {
 }
 
 impl State {
+    fn append(&mut self, tx: &Connection, message: &OutMessage) -> Result<(), rusqlite::Error> {
+        tx.prepare_cached(schema::OUTBOX_APPEND)?.execute(params![
+            message.topic,
+            message.payload,
+            message.correlation,
+            message.v5,
+            message.retain,
+            now_ms(),
+            message.expires_ms
+        ])?;
+        self.last_outbox_id = tx.last_insert_rowid();
+        self.counters.outbox_rows.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .outbox_bytes
+            .fetch_add(message.size(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Deletes outbox rows; returns how many there were.
+    fn delete_rows(&self, tx: &Connection, ids: &[i64]) -> Result<u64, rusqlite::Error> {
+        let mut stmt = tx.prepare_cached(schema::OUTBOX_DELETE)?;
+        let mut n = 0;
+        for id in ids {
+            let bytes: Option<u64> = stmt.query_row([id], |r| r.get(0)).optional()?;
+            if let Some(bytes) = bytes {
+                self.counters.outbox_rows.fetch_sub(1, Ordering::Relaxed);
+                self.counters
+                    .outbox_bytes
+                    .fetch_sub(bytes, Ordering::Relaxed);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn remember(&self, tx: &Connection, r: &Remember, body: &[u8]) -> Result<(), rusqlite::Error> {
+        tx.prepare_cached(schema::REPLY_PUT)?
+            .execute(params![&r.key[..], body, r.expires_ms])?;
+        Ok(())
+    }
+
+    /// Drops expired remembered replies (`expired`), then the soonest to expire until within
+    /// `store.dedupe.max_rows`.
+    fn bound_replies(&self, tx: &Connection, expired: bool) -> Result<(), rusqlite::Error> {
+        if expired {
+            tx.prepare_cached(schema::REPLY_EXPIRED)?
+                .execute([now_ms()])?;
+        }
+        let rows: u64 = tx.query_row(schema::REPLY_COUNT, [], |r| r.get(0))?;
+        let max = self.cfg.dedupe.max_rows;
+        let rows = if rows > max {
+            let excess = rows - max;
+            tx.prepare_cached(schema::REPLY_OLDEST)?.execute([excess])?;
+            max
+        } else {
+            rows
+        };
+        self.counters.replies_rows.store(rows, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn cache_get(
         &self,
         tx: &Connection,
@@ -1226,6 +1391,7 @@ fn load_outbox(
                     correlation: r.get(3)?,
                     v5: r.get(4)?,
                     retain: r.get(5)?,
+                    expires_ms: r.get(7)?,
                 },
             })
         })?

@@ -56,6 +56,18 @@ pub const MIGRATIONS: &[&str] = &[
         saved_ms     INTEGER NOT NULL
     ) WITHOUT ROWID;
     ",
+    // 3: a reply's expiry (its requester's MQTT v5 Message Expiry), and the replies remembered
+    // for de-duplication: a request delivered again within its window is answered from here,
+    // after a restart too.
+    "
+    ALTER TABLE outbox ADD COLUMN expires_ms INTEGER;
+    CREATE TABLE replies (
+        key        BLOB PRIMARY KEY,
+        body       BLOB NOT NULL,
+        expires_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX replies_by_expiry ON replies(expires_ms);
+    ",
 ];
 
 pub const FLEET_CLEAR: &str = "DELETE FROM fleet_state";
@@ -81,9 +93,10 @@ pub const CACHE_BY_MODEL: &str =
     "SELECT model, COUNT(*), COALESCE(SUM(bytes), 0) FROM cache GROUP BY model ORDER BY model";
 
 pub const OUTBOX_APPEND: &str =
-    "INSERT INTO outbox (topic, payload, correlation, v5, retain, created_ms)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-pub const OUTBOX_AFTER: &str = "SELECT id, topic, payload, correlation, v5, retain, created_ms
+    "INSERT INTO outbox (topic, payload, correlation, v5, retain, created_ms, expires_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+pub const OUTBOX_AFTER: &str =
+    "SELECT id, topic, payload, correlation, v5, retain, created_ms, expires_ms
      FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2";
 pub const OUTBOX_DELETE: &str =
     "DELETE FROM outbox WHERE id = ?1 RETURNING length(topic) + length(payload)";
@@ -93,6 +106,15 @@ pub const OUTBOX_TOTALS: &str =
     "SELECT COUNT(*), COALESCE(SUM(length(topic) + length(payload)), 0) FROM outbox";
 pub const OUTBOX_SEQ: &str =
     "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0)";
+
+pub const REPLY_PUT: &str =
+    "INSERT OR REPLACE INTO replies (key, body, expires_ms) VALUES (?1, ?2, ?3)";
+pub const REPLY_GET: &str = "SELECT body FROM replies WHERE key = ?1 AND expires_ms > ?2";
+pub const REPLY_KEYS: &str = "SELECT key, expires_ms FROM replies WHERE expires_ms > ?1";
+pub const REPLY_EXPIRED: &str = "DELETE FROM replies WHERE expires_ms <= ?1";
+pub const REPLY_COUNT: &str = "SELECT COUNT(*) FROM replies";
+pub const REPLY_OLDEST: &str = "DELETE FROM replies WHERE key IN
+     (SELECT key FROM replies ORDER BY expires_ms LIMIT ?1)";
 
 pub const HISTORY_INSERT: &str = "INSERT INTO history (ts_ms, model, model_sha256, input_sha256, input, output, route, confidence)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";

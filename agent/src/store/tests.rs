@@ -3,10 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
-use std::sync::mpsc;
 
 use super::*;
 use crate::config::RawConfig;
+use crate::ticket::{Delivery, Finished, Ticket};
 
 fn scratch() -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
@@ -45,19 +45,26 @@ fn msg(i: usize) -> OutMessage {
         correlation: Some(vec![i as u8]),
         v5: i.is_multiple_of(2),
         retain: false,
+        expires_ms: None,
     }
 }
 
-/// Appends and waits for the commit; returns the row id.
+/// A ticket whose commit comes out of the returned receiver.
+fn ticket(seq: u64) -> (Ticket, flume::Receiver<Finished>) {
+    let (tx, rx) = flume::unbounded();
+    (Ticket::new(tx, Delivery { epoch: 0, seq }), rx)
+}
+
+/// Stores a reply and waits for its commit; returns the row id.
 fn append(store: &StoreHandle, m: OutMessage) -> i64 {
-    let (tx, rx) = mpsc::channel();
-    store.append(
-        m,
-        Box::new(move |r| {
-            tx.send(r).unwrap();
-        }),
-    );
-    rx.recv().unwrap().unwrap()
+    let (t, rx) = ticket(0);
+    store.reply(Reply {
+        message: m,
+        ticket: Some(t),
+        remember: None,
+    });
+    assert!(rx.recv().unwrap().ack, "committed");
+    *store.watermark().borrow()
 }
 
 fn key(n: u8) -> CacheKey {
@@ -306,14 +313,103 @@ fn inspecting_a_missing_file_says_so() {
 fn a_burst_of_writes_shares_commits() {
     let dir = scratch();
     let (store, thread) = open(&cfg(&dir, |_| {}), OpenMode::Agent).unwrap();
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = flume::unbounded();
     for i in 0..2000 {
-        let tx = tx.clone();
-        store.append(msg(i), Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+        store.reply(Reply {
+            message: msg(i),
+            ticket: Some(Ticket::new(
+                tx.clone(),
+                Delivery {
+                    epoch: 0,
+                    seq: i as u64,
+                },
+            )),
+            remember: None,
+        });
     }
     drop(tx);
-    assert_eq!(rx.iter().filter(|ok| *ok).count(), 2000);
+    assert_eq!(rx.iter().filter(|f| f.ack).count(), 2000);
     let commits = store.counters.commits.load(Ordering::Relaxed);
     assert!(commits < 2000, "{commits} commits for 2000 writes");
     close(store, thread);
+}
+
+#[test]
+fn remembered_replies_survive_a_restart_until_they_expire() {
+    let dir = scratch();
+    let cfg = cfg(&dir, |_| {});
+    let (store, thread) = open(&cfg, OpenMode::Agent).unwrap();
+    let now = now_ms();
+    let (t, rx) = ticket(0);
+    store.reply(Reply {
+        message: msg(1),
+        ticket: Some(t),
+        remember: Some(Remember {
+            key: [7; 32],
+            expires_ms: now + 60_000,
+        }),
+    });
+    assert!(rx.recv().unwrap().ack);
+    let (t, rx) = ticket(1);
+    store.reply(Reply {
+        message: msg(2),
+        ticket: Some(t),
+        remember: Some(Remember {
+            key: [8; 32],
+            expires_ms: now - 1,
+        }),
+    });
+    assert!(rx.recv().unwrap().ack);
+    close(store, thread);
+    let (store, thread) = open(&cfg, OpenMode::Agent).unwrap();
+    let keys = block(store.remembered_keys(now));
+    assert_eq!(
+        keys,
+        vec![([7; 32], now + 60_000)],
+        "the expired one is not listed"
+    );
+    assert_eq!(store.remembered([7; 32], now), Some(msg(1).payload));
+    assert_eq!(store.remembered([8; 32], now), None, "expired");
+    assert_eq!(store.remembered([9; 32], now), None, "never seen");
+    close(store, thread);
+}
+
+#[test]
+fn rows_left_unsent_are_deleted_and_counted_by_reason() {
+    let dir = scratch();
+    let (store, thread) = open(&cfg(&dir, |_| {}), OpenMode::Agent).unwrap();
+    let a = append(&store, msg(1));
+    let b = append(&store, msg(2));
+    let c = append(&store, msg(3));
+    store.try_unsent(vec![a], Unsent::Expired).unwrap();
+    store.try_unsent(vec![b, 999], Unsent::Refused).unwrap();
+    block(store.flush());
+    let c1 = &store.counters;
+    assert_eq!(c1.outbox_expired.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        c1.outbox_refused.load(Ordering::Relaxed),
+        1,
+        "a missing row is not counted"
+    );
+    let rows = block(store.load(0, 10)).unwrap();
+    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![c]);
+    close(store, thread);
+}
+
+#[test]
+fn a_stopped_store_releases_the_tickets_of_replies_it_did_not_take() {
+    let dir = scratch();
+    let (store, thread) = open(&cfg(&dir, |_| {}), OpenMode::Agent).unwrap();
+    let handle = store.clone();
+    close(store, thread);
+    let (t, rx) = ticket(0);
+    handle.reply(Reply {
+        message: msg(1),
+        ticket: Some(t),
+        remember: None,
+    });
+    assert!(
+        !rx.recv().unwrap().ack,
+        "released, for the broker to deliver again"
+    );
 }

@@ -84,6 +84,35 @@ pub async fn subscribe(addr: SocketAddr, filter: &str) -> mpsc::UnboundedReceive
     rx
 }
 
+/// Publishes `payload` retained with QoS 1 and returns once the broker has acknowledged it.
+pub async fn publish_retained(addr: SocketAddr, topic: &str, payload: Vec<u8>) {
+    let mut o = MqttOptions::new(
+        format!("pub-{}", fastrand::u64(..)),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(Some(64 << 20));
+    let (client, mut eventloop) = AsyncClient::new(o, 16);
+    let publish = async {
+        loop {
+            match eventloop.poll().await.expect("the broker is reachable") {
+                Event::Incoming(Packet::ConnAck(_)) => {
+                    client
+                        .try_publish(topic, QoS::AtLeastOnce, true, payload.clone())
+                        .unwrap();
+                }
+                Event::Incoming(Packet::PubAck(_)) => return,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), publish)
+        .await
+        .expect("the broker acknowledges the publish within 10 s");
+    let _ = client.try_disconnect();
+}
+
 /// A running agent and the means to stop it.
 pub struct TestAgent {
     pub running: Running,

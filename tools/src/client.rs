@@ -22,7 +22,7 @@ pub fn options(broker: SocketAddr, client_id: String) -> MqttOptions {
     let mut o = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
     o.set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(Some(256 << 20));
-    o.set_network_options(crate::mqtt::no_delay());
+    o.set_network_options(agent::mqtt::no_delay());
     o
 }
 

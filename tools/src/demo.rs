@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::config::{RawConfig, RawEmbeddedBroker, RawRelay};
-use crate::policy::Mode;
 use crate::stream::{self, Outcome, Phase, StreamConfig, Tick};
+use agent::config::{RawConfig, RawEmbeddedBroker, RawRelay};
+use agent::policy::Mode;
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
@@ -36,7 +36,7 @@ impl Default for DemoConfig {
             service_ms: 10.0,
             budget_ms: 150.0,
             repeat_share: 0.1,
-            models_dir: crate::models_dir(None),
+            models_dir: agent::models_dir(None),
         }
     }
 }
@@ -47,7 +47,7 @@ pub enum DemoError {
     #[error("{0}")]
     Setup(String),
     #[error(transparent)]
-    Agent(#[from] crate::AgentError),
+    Agent(#[from] agent::AgentError),
 }
 
 /// The multiples of local capacity the stream steps through.
@@ -221,7 +221,7 @@ pub async fn run(cfg: DemoConfig, stop: Arc<AtomicBool>) -> Result<String, DemoE
         .map_err(|e| DemoError::Setup(e.to_string()))?;
     let (agent_stop_tx, agent_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-    let agent = tokio::spawn(crate::run(
+    let agent = tokio::spawn(agent::run(
         config,
         async move {
             let _ = agent_stop_rx.await;

@@ -12,7 +12,7 @@ use rumqttc::v5::{AsyncClient, Event};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::doc::DocTopics;
+use agent::fleet::doc::DocTopics;
 
 /// One device as the operator sees it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

@@ -5,16 +5,16 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use models::stats::percentile;
 use models::{EngineConfig, Variant, golden};
 
-use crate::config::{RawConfig, StoreConfig, Synchronous};
-use crate::store::outbox::OutMessage;
-use crate::store::{self, OpenMode, cache};
+use agent::config::{RawConfig, StoreConfig, Synchronous};
+use agent::store::outbox::OutMessage;
+use agent::store::{self, OpenMode, cache};
 
 /// Why the benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -58,33 +58,28 @@ fn config(
 /// and the commits it took.
 fn write_rate(cfg: &StoreConfig, seconds: f64) -> Result<(f64, u64), BenchStoreError> {
     let (store, thread) = store::open(cfg, OpenMode::Agent)?;
-    let committed = Arc::new(AtomicU64::new(0));
     let payload = vec![b'x'; 320];
     let commits_before = store.counters.commits.load(Ordering::Relaxed);
+    let writes_before = store.counters.writes.load(Ordering::Relaxed);
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(seconds);
     while Instant::now() < until {
-        let committed = committed.clone();
-        store.append(
-            OutMessage {
-                topic: "tether/bench/reply".into(),
-                payload: payload.clone(),
-                correlation: Some(b"0123456789abcdef".to_vec()),
-                v5: true,
-                retain: false,
-            },
-            Box::new(move |r| {
-                if r.is_ok() {
-                    committed.fetch_add(1, Ordering::Relaxed);
-                }
-            }),
-        );
+        // The outbox write path every reply takes (the store's queue makes this wait).
+        store.append_event(OutMessage {
+            topic: "tether/bench/reply".into(),
+            payload: payload.clone(),
+            correlation: Some(b"0123456789abcdef".to_vec()),
+            v5: true,
+            retain: false,
+            expires_ms: None,
+        });
     }
     store.flush_blocking();
     let elapsed = started.elapsed().as_secs_f64();
     let commits = store.counters.commits.load(Ordering::Relaxed) - commits_before;
+    let committed = store.counters.writes.load(Ordering::Relaxed) - writes_before;
     stop(store, thread);
-    Ok((committed.load(Ordering::Relaxed) as f64 / elapsed, commits))
+    Ok((committed as f64 / elapsed, commits))
 }
 
 fn stop(store: store::StoreHandle, thread: store::StoreThread) {
@@ -165,7 +160,7 @@ pub fn run(
         )
     };
     let value =
-        serde_json::to_vec(&crate::infer::run_request(model, &request, 3)?).unwrap_or_default();
+        serde_json::to_vec(&agent::infer::run_request(model, &request, 3)?).unwrap_or_default();
     let mut rows = Vec::new();
     // A lookup that went the wrong way would make the figures meaningless.
     let wrong = std::cell::Cell::new(0usize);

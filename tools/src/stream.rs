@@ -96,7 +96,7 @@ pub async fn run(
     );
     o.set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(Some(64 << 20));
-    o.set_network_options(crate::mqtt::no_delay());
+    o.set_network_options(agent::mqtt::no_delay());
     let (client, mut eventloop) = AsyncClient::new(o, 10_000);
     let reply_topic = format!("tether-stream/{}", fastrand::u32(..));
     let book = Arc::new(Mutex::new(Book::default()));

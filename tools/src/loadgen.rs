@@ -37,7 +37,7 @@ fn client(addr: SocketAddr, name: &str) -> (AsyncClient, rumqttc::v5::EventLoop)
     );
     o.set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(Some(64 << 20));
-    o.set_network_options(crate::mqtt::no_delay());
+    o.set_network_options(agent::mqtt::no_delay());
     AsyncClient::new(o, 4096)
 }
 

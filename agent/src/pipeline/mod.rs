@@ -1,0 +1,483 @@
+//! The request pipeline. A request is a value that walks forward and is answered once:
+//!
+//! ```text
+//! driver --Message--> intake --> front: decode, de-duplicate, cache, policy
+//!                                  |--> local queue --> worker (engine) --+
+//!                                  |--> relay task (offload, escalation) -+--> reply --> store
+//!                                  '--> answered at once (cache, refusal) -'      (outbox, commit)
+//!                                                     store --commit--> ticket --> driver: PUBACK
+//! ```
+//!
+//! Each admitted request owns a [`reply::Responder`] (its route, its ticket); requests that wait
+//! share theirs through an answer-once [`reply::Slot`] with the front stage's deadline watch, so
+//! a request is refused `overloaded` the moment its budget runs out, queued or running, and a
+//! late result is dropped. No stage calls back into the one before it: answers go forward to
+//! the store, and the store's commit goes to the driver by message (the ticket).
+//!
+//! A panic in a stage answers that request `internal`, is logged and counted, and the stage
+//! goes on serving.
+
+pub mod decode;
+mod dedupe;
+mod front;
+mod relay;
+pub(crate) mod reply;
+mod worker;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use models::Tensor;
+use models::engine::LoadedModel;
+use models::v2::InferenceRequest;
+use tokio::sync::watch;
+
+use crate::cloud::Cloud;
+use crate::config::{DedupeConfig, HistoryConfig, InferenceConfig};
+use crate::live::Live;
+use crate::metrics::Metrics;
+use crate::monitor::Load;
+use crate::mqtt::Message;
+use crate::policy::{Reason, Relay, Signals};
+use crate::protocol::Topics;
+use crate::store::{StoreHandle, cache};
+
+pub use reply::{LocalAnswer, LocalError};
+
+/// Recent local service times per model, for the policy's estimates.
+#[derive(Debug, Default)]
+pub struct ServiceTimes {
+    inner: Mutex<HashMap<String, VecDeque<f64>>>,
+}
+
+/// Service times kept per model.
+const SERVICE_WINDOW: usize = 128;
+
+impl ServiceTimes {
+    pub fn record(&self, model: &str, ms: f64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let w = match inner.get_mut(model) {
+            Some(w) => w,
+            None => inner.entry(model.to_owned()).or_default(),
+        };
+        if w.len() == SERVICE_WINDOW {
+            w.pop_front();
+        }
+        w.push_back(ms);
+    }
+
+    /// The moving p50 and p95, once the model has run.
+    pub fn percentiles(&self, model: &str) -> (Option<f64>, Option<f64>) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(w) = inner.get(model).filter(|w| !w.is_empty()) else {
+            return (None, None);
+        };
+        let mut v: Vec<f64> = w.iter().copied().collect();
+        drop(inner);
+        v.sort_by(f64::total_cmp);
+        (
+            Some(models::stats::percentile(&v, 0.5)),
+            Some(models::stats::percentile(&v, 0.95)),
+        )
+    }
+}
+
+/// Local model runs that answered and that failed, counted since start.
+#[derive(Debug, Default)]
+pub struct RunCounters {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+impl RunCounters {
+    fn count(&self, ok: bool) {
+        let c = if ok { &self.ok } else { &self.failed };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (answered, failed) so far.
+    pub fn read(&self) -> (usize, usize) {
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// What routing needs, shared by the stages.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// The models, policy and cache rules in force (the fleet may switch them).
+    pub live: Live,
+    /// Local runs since start, for the fleet's health check after a switch.
+    pub health: Arc<RunCounters>,
+    pub cloud: Option<Cloud>,
+    pub load_rx: watch::Receiver<Load>,
+    pub times: Arc<ServiceTimes>,
+    /// Requests a worker is running now.
+    pub in_service: Arc<AtomicUsize>,
+    pub runtime: tokio::runtime::Handle,
+    pub metrics: Metrics,
+}
+
+impl Routing {
+    fn relay(&self, model: &str) -> Relay {
+        match &self.cloud {
+            Some(c) => c.relay_signal(model, Instant::now()),
+            None => Relay::None,
+        }
+    }
+}
+
+/// How the pipeline is set up.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub device_id: String,
+    pub topics: Topics,
+    pub inference: InferenceConfig,
+    pub limits: decode::Limits,
+    pub history: HistoryConfig,
+    pub dedupe: DedupeConfig,
+    /// Requests the drivers and sensors may have handed on at once: the front stage's queue
+    /// and the local queue hold that many, so neither is ever full of flow-controlled work.
+    pub admission: usize,
+}
+
+/// What every stage shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    topics: Topics,
+    device_id: String,
+    top_k: usize,
+    limits: decode::Limits,
+    store: StoreHandle,
+    history: HistoryConfig,
+    routing: Routing,
+    metrics: Metrics,
+    emulated_service: Duration,
+    /// The local queue's configured size and the workers, for the policy.
+    queue_capacity: usize,
+    workers: usize,
+    /// Requests admitted and not yet answered or released.
+    responders: AtomicUsize,
+    /// Past the shutdown grace period: what is dropped unanswered is released, not failed.
+    abandoning: AtomicBool,
+    registry: Mutex<dedupe::Registry>,
+}
+
+impl Shared {
+    fn registry(&self) -> MutexGuard<'_, dedupe::Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the policy knows about `model` now, with `queued` requests waiting for a worker.
+    fn signals(&self, model: &str, queued: usize) -> Signals {
+        let load = *self.routing.load_rx.borrow();
+        let (p50, p95) = self.routing.times.percentiles(model);
+        Signals {
+            local_p50_ms: p50,
+            local_p95_ms: p95,
+            queue_depth: queued + self.routing.in_service.load(Ordering::Relaxed),
+            queue_capacity: self.queue_capacity + self.workers,
+            workers: self.workers,
+            cpu_percent: load.cpu_percent,
+            temperature_c: load.temperature_c,
+            throttled: load.throttled,
+            relay: self.routing.relay(model),
+        }
+    }
+}
+
+/// A request made inside the agent (a sensor's window): typed in, typed out.
+#[derive(Debug, Clone)]
+pub struct LocalRequest {
+    pub model: String,
+    pub id: String,
+    pub inputs: Vec<Tensor>,
+    /// The latency budget; `None`: the model's default.
+    pub budget: Option<Duration>,
+    /// Answer from the result cache when it can.
+    pub cache: bool,
+}
+
+/// What arrives at the front stage.
+#[derive(Debug)]
+enum Arrival {
+    Mqtt(Message),
+    Local {
+        request: LocalRequest,
+        reply: flume::Sender<LocalAnswer>,
+        received: Instant,
+    },
+}
+
+/// A request parsed, validated and looked up in the cache by the front stage.
+#[derive(Debug)]
+struct Prepared {
+    request: InferenceRequest,
+    /// The model it runs on, fixed at admission: a model switched meanwhile does not matter.
+    model: Arc<LoadedModel>,
+    inputs: Vec<Tensor>,
+    /// The cache key and how long a result stays, when the result is to be cached.
+    cache: Option<(cache::CacheKey, Duration)>,
+    /// The request as received, for the relay (`None`: made inside the agent, encoded when
+    /// it is offloaded).
+    body: Option<Bytes>,
+}
+
+/// A request on its way to a worker or the relay.
+#[derive(Debug)]
+struct Job {
+    slot: Arc<reply::Slot>,
+    model: String,
+    received: Instant,
+    deadline: Instant,
+    budget: Duration,
+    /// Why it is here (the policy's reason, or `offload_failed`).
+    reason: Reason,
+    prepared: Prepared,
+}
+
+/// The side of the pipeline the drivers and the sensors call.
+#[derive(Debug, Clone)]
+pub struct Intake {
+    arrivals_tx: flume::Sender<Arrival>,
+    closing: Arc<AtomicBool>,
+    metrics: Metrics,
+}
+
+impl Intake {
+    /// Takes one message from a driver. Never blocks.
+    pub fn dispatch(&self, m: Message) {
+        if self.closing.load(Ordering::Relaxed) {
+            // Shutting down: not acknowledged, so the broker delivers it again later.
+            m.ticket.release();
+            return;
+        }
+        if let Err(e) = self.arrivals_tx.try_send(Arrival::Mqtt(m)) {
+            // The queue holds everything the drivers may hand on; if it is full anyway, the
+            // request waits in the broker for the next connection.
+            self.metrics.lost_request();
+            tracing::error!(
+                "The front stage's queue is full (more requests handed on than the flow control allows); the request is left for the broker to deliver again."
+            );
+            drop(e.into_inner());
+        }
+    }
+
+    /// Submits a request made inside the agent; the answer comes on the returned channel
+    /// (disconnected if the agent is stopping).
+    pub fn submit(&self, request: LocalRequest) -> flume::Receiver<LocalAnswer> {
+        let (reply, rx) = flume::bounded(1);
+        if !self.closing.load(Ordering::Relaxed) {
+            let _ = self.arrivals_tx.send(Arrival::Local {
+                request,
+                reply,
+                received: Instant::now(),
+            });
+        }
+        rx
+    }
+}
+
+/// The front stage, the workers and their queues.
+#[derive(Debug)]
+pub struct Pipeline {
+    shared: Arc<Shared>,
+    arrivals_tx: flume::Sender<Arrival>,
+    jobs_tx: flume::Sender<Job>,
+    jobs_rx: flume::Receiver<Job>,
+    front: JoinHandle<()>,
+    front_stop: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<()>>,
+    closing: Arc<AtomicBool>,
+    health: StageHealth,
+}
+
+/// Which stage threads are alive, readable from anywhere (the status).
+#[derive(Debug, Clone, Default)]
+pub struct StageHealth {
+    front: Arc<AtomicBool>,
+    workers: Arc<AtomicUsize>,
+}
+
+impl StageHealth {
+    /// (the front stage is alive, workers alive).
+    pub fn alive(&self) -> (bool, usize) {
+        (
+            self.front.load(Ordering::Relaxed),
+            self.workers.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Marks a stage thread alive while it runs; its drop (the thread's end, however it ends)
+/// marks it gone.
+struct AliveGuard(Box<dyn Fn(bool) + Send>);
+
+impl AliveGuard {
+    fn new(mark: impl Fn(bool) + Send + 'static) -> AliveGuard {
+        mark(true);
+        AliveGuard(Box::new(mark))
+    }
+}
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        (self.0)(false);
+    }
+}
+
+/// The local queue's depth, readable from anywhere.
+#[derive(Debug, Clone)]
+pub struct QueueProbe(flume::Sender<Job>);
+
+impl QueueProbe {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Pipeline {
+    /// Starts the front stage and `cfg.inference.workers` inference threads.
+    pub fn start(
+        cfg: PipelineConfig,
+        store: StoreHandle,
+        routing: Routing,
+        remembered: Vec<([u8; 32], i64)>,
+    ) -> std::io::Result<Pipeline> {
+        let admission = cfg.admission.max(1);
+        let mut registry = dedupe::Registry::new(
+            usize::try_from(cfg.dedupe.max_rows).unwrap_or(usize::MAX),
+            cfg.dedupe.memory_bytes,
+        );
+        for (key, expires_ms) in remembered {
+            registry.on_disk(key, expires_ms);
+        }
+        let shared = Arc::new(Shared {
+            topics: cfg.topics,
+            device_id: cfg.device_id,
+            top_k: cfg.inference.top_k,
+            limits: cfg.limits,
+            store,
+            history: cfg.history,
+            metrics: routing.metrics.clone(),
+            routing,
+            emulated_service: cfg.inference.emulated_service,
+            queue_capacity: cfg.inference.queue,
+            workers: cfg.inference.workers,
+            responders: AtomicUsize::new(0),
+            abandoning: AtomicBool::new(false),
+            registry: Mutex::new(registry),
+        });
+        let (arrivals_tx, arrivals_rx) = flume::bounded::<Arrival>(admission);
+        let (jobs_tx, jobs_rx) = flume::bounded::<Job>(admission);
+        let front_stop = Arc::new(AtomicBool::new(false));
+        let health = StageHealth::default();
+        let front = {
+            let front = front::Front::new(
+                shared.clone(),
+                arrivals_rx,
+                jobs_tx.clone(),
+                front_stop.clone(),
+            );
+            let alive = health.front.clone();
+            std::thread::Builder::new()
+                .name("front".into())
+                .spawn(move || {
+                    let _alive = AliveGuard::new(move |up| alive.store(up, Ordering::Relaxed));
+                    front.run();
+                })?
+        };
+        let mut workers = Vec::with_capacity(cfg.inference.workers);
+        for i in 0..cfg.inference.workers {
+            let worker = worker::Worker::new(shared.clone(), jobs_rx.clone());
+            let alive = health.workers.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("infer-{i}"))
+                    .spawn(move || {
+                        let _alive = AliveGuard::new(move |up| {
+                            if up {
+                                alive.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                alive.fetch_sub(1, Ordering::Relaxed);
+                            }
+                        });
+                        worker.run();
+                    })?,
+            );
+        }
+        Ok(Pipeline {
+            shared,
+            arrivals_tx,
+            jobs_tx,
+            jobs_rx,
+            front,
+            front_stop,
+            workers,
+            closing: Arc::new(AtomicBool::new(false)),
+            health,
+        })
+    }
+
+    /// Which stage threads are alive.
+    pub fn health(&self) -> StageHealth {
+        self.health.clone()
+    }
+
+    /// Reads the local queue's depth, for metrics.
+    pub fn probe(&self) -> QueueProbe {
+        QueueProbe(self.jobs_tx.clone())
+    }
+
+    /// Where the drivers and the sensors hand requests in.
+    pub fn intake(&self) -> Intake {
+        Intake {
+            arrivals_tx: self.arrivals_tx.clone(),
+            closing: self.closing.clone(),
+            metrics: self.shared.metrics.clone(),
+        }
+    }
+
+    /// Stops taking requests and answers those already taken, up to `grace`; what is left
+    /// then is released unacknowledged, for the broker to deliver again. Returns false when
+    /// the grace period ran out first.
+    pub async fn drain(self, grace: Duration) -> bool {
+        self.closing.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + grace;
+        let idle = |s: &Shared| s.responders.load(Ordering::Relaxed) == 0;
+        let mut drained = true;
+        while !(self.arrivals_tx.is_empty() && idle(&self.shared)) {
+            if Instant::now() >= deadline {
+                drained = false;
+                self.shared.abandoning.store(true, Ordering::Relaxed);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.front_stop.store(true, Ordering::Relaxed);
+        while !self.front.is_finished() && Instant::now() < deadline + Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for job in self.jobs_rx.drain() {
+            job.slot.release();
+        }
+        drop(self.jobs_tx);
+        drop(self.jobs_rx);
+        for w in &self.workers {
+            while !w.is_finished() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        drained && self.workers.iter().all(JoinHandle::is_finished)
+    }
+}
