@@ -228,19 +228,6 @@ fn inspects_cleanly(db: &std::path::Path) -> String {
     }
 }
 
-/// `GET /metrics` over a plain TCP connection; returns the body.
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_routes_cache_hits_and_the_outbox() {
     let agent = TestAgent::start("metrics-dev", |raw| {
@@ -254,7 +241,7 @@ async fn metrics_count_routes_cache_hits_and_the_outbox() {
             .await;
         req.next(WITHIN).await;
     }
-    let text = scrape(addr).await;
+    let text = common::scrape(addr).await;
     for line in [
         r#"tether_agent_requests_total{route="local",reason="within_budget"} 1"#,
         r#"tether_agent_requests_total{route="cache",reason="cached"} 2"#,

@@ -338,18 +338,18 @@ impl Feed {
                     if dup {
                         eventloop.resend(&row, expiry);
                     } else if client.try_publish_row(&row, expiry).is_err() {
-                        // The client's channel is full: after the next event.
+                        // The client's channel is full (the topic was checked): after the next
+                        // event.
                         break;
                     }
                     self.publisher.handed();
                 }
                 Next::Expired(id) => self.expired.push(id),
-                Next::TooLarge { id, bytes, max } => {
+                Next::Unsendable { id, why } => {
                     tracing::warn!(
                         id,
-                        bytes,
-                        max,
-                        "A stored message is larger than the broker accepts (its Maximum Packet Size); it is dropped unsent."
+                        %why,
+                        "A stored message cannot be published; it is dropped from the outbox."
                     );
                     self.refused.push(id);
                 }

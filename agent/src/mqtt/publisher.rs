@@ -14,6 +14,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
+use crate::protocol::check_topic_name;
 use crate::store::outbox::OutboxRow;
 
 /// Failures (refusals, or connections lost with it alone in flight) before a row is dropped.
@@ -47,8 +48,9 @@ pub enum Next {
     Send { row: OutboxRow, dup: bool },
     /// Its requester's expiry passed: delete it unsent.
     Expired(i64),
-    /// Larger than the broker accepts: delete it unsent.
-    TooLarge { id: i64, bytes: usize, max: usize },
+    /// It cannot be published (larger than the broker accepts, or a topic no broker takes):
+    /// delete it unsent.
+    Unsendable { id: i64, why: String },
 }
 
 /// What a PUBACK meant.
@@ -211,16 +213,18 @@ impl Publisher {
             return Some(Next::Expired(q.row.id));
         }
         let bytes = front.row.message.wire_bytes();
-        if let Some(max) = self.max_packet
-            && bytes > max
-        {
+        let unsendable = match self.max_packet {
+            Some(max) if bytes > max => Some(format!(
+                "it is about {bytes} bytes, over the broker's Maximum Packet Size of {max}"
+            )),
+            _ => check_topic_name(&front.row.message.topic)
+                .err()
+                .map(|e| format!("its topic cannot be published: {e}")),
+        };
+        if let Some(why) = unsendable {
             let q = self.ready.pop_front()?;
             self.suspects.remove(&q.row.id);
-            return Some(Next::TooLarge {
-                id: q.row.id,
-                bytes,
-                max,
-            });
+            return Some(Next::Unsendable { id: q.row.id, why });
         }
         let probing = self.suspects.contains(&front.row.id);
         let busy = self.in_flight_count();
@@ -432,7 +436,7 @@ mod tests {
     }
 
     #[test]
-    fn expired_and_oversized_rows_are_not_sent() {
+    fn expired_oversized_and_unpublishable_rows_are_not_sent() {
         let mut p = Publisher::new(10);
         p.connected(None, Some(100));
         p.want_load(3).unwrap();
@@ -448,11 +452,15 @@ mod tests {
         p.handed();
         assert!(matches!(
             p.next(2_000),
-            Some(Next::TooLarge {
-                id: 3,
-                max: 100,
-                ..
-            })
+            Some(Next::Unsendable { id: 3, why }) if why.contains("Maximum Packet Size of 100")
+        ));
+        let mut bad = row(4);
+        bad.message.topic = "a/+/b".into();
+        p.want_load(4).unwrap();
+        p.loaded(vec![bad]);
+        assert!(matches!(
+            p.next(2_000),
+            Some(Next::Unsendable { id: 4, why }) if why.contains("wildcard")
         ));
     }
 

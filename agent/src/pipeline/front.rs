@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use super::decode::{Decoded, Undecodable, decode};
 use super::dedupe::{Key, Seen};
-use super::reply::{Answer, Journey, Origin, Responder, Slot, finish_response};
+use super::reply::{Answer, Expiry, Journey, Origin, Responder, Slot, finish_response};
 use super::{Arrival, Job, LocalAnswer, LocalRequest, Prepared, Shared, relay};
 use crate::live::Settings;
 use crate::mqtt::Message;
@@ -151,7 +151,7 @@ impl Front {
             Err(Undecodable::Refused(r)) => {
                 tracing::debug!(model = %r.model, code = ?r.code, error = %r.error, "Request refused.");
                 shared.metrics.refused(r.code);
-                let expires = expiry_at(now, r.expiry);
+                let expires = r.expiry.and_then(|e| Expiry::after(received, e));
                 Responder::new(&shared, Origin::Mqtt(ticket), r.route, r.id, None, expires)
                     .answer(&Answer::error(r.code, r.error));
                 return;
@@ -176,7 +176,7 @@ impl Front {
             route,
             request.id.clone(),
             remember,
-            expiry_at(now, expiry),
+            expiry.and_then(|e| Expiry::after(received, e)),
         );
         let key = identity.map(|(key, _)| key);
         if let Some(key) = key {
@@ -476,11 +476,6 @@ impl Front {
 
 /// A request its model cannot take: the code and the sentence.
 struct Refused(ErrorCode, String);
-
-/// When a requester that gave `expiry` at `now_ms` stops waiting.
-fn expiry_at(now_ms: i64, expiry: Option<Duration>) -> Option<i64> {
-    expiry.map(|e| now_ms.saturating_add(millis(e)))
-}
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)

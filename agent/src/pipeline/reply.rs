@@ -10,7 +10,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use models::v2::InferenceResponse;
 use serde_json::{Value, json};
@@ -109,9 +109,31 @@ pub(crate) struct Responder {
     id: Option<String>,
     /// Remember the reply for duplicates of this request.
     remember: Option<Remember>,
-    /// When the requester stops waiting (Unix ms).
-    expires_ms: Option<i64>,
+    /// When the requester stops waiting.
+    expiry: Option<Expiry>,
     shared: Arc<Shared>,
+}
+
+/// When a requester stops waiting: on the monotonic clock (the one deadlines are kept on, so a
+/// budget that is its expiry runs out with it), and in Unix ms for the stored reply.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Expiry {
+    pub at: Instant,
+    pub unix_ms: i64,
+}
+
+impl Expiry {
+    /// `after` from `received` (the moment the message arrived).
+    pub(crate) fn after(received: Instant, after: Duration) -> Option<Expiry> {
+        let at = received.checked_add(after)?;
+        let left = at.saturating_duration_since(Instant::now());
+        let unix_ms = now_ms().saturating_add(i64::try_from(left.as_millis()).unwrap_or(i64::MAX));
+        Some(Expiry { at, unix_ms })
+    }
+
+    fn passed(&self) -> bool {
+        self.at <= Instant::now()
+    }
 }
 
 impl Responder {
@@ -121,7 +143,7 @@ impl Responder {
         route: ReplyRoute,
         id: Option<String>,
         remember: Option<Remember>,
-        expires_ms: Option<i64>,
+        expiry: Option<Expiry>,
     ) -> Responder {
         shared.responders.fetch_add(1, Ordering::Relaxed);
         Responder {
@@ -129,7 +151,7 @@ impl Responder {
             route,
             id,
             remember,
-            expires_ms,
+            expiry,
             shared: shared.clone(),
         }
     }
@@ -169,8 +191,7 @@ impl Responder {
                 });
             }
             Some(Origin::Mqtt(ticket)) => {
-                let now = now_ms();
-                if self.expires_ms.is_some_and(|e| e <= now) {
+                if self.expiry.is_some_and(|e| e.passed()) {
                     // Its requester has stopped waiting: nothing is published, and the request
                     // is done with.
                     self.shared.metrics.reply_expired();
@@ -180,7 +201,7 @@ impl Responder {
                         message: OutMessage::reply(
                             self.route.clone(),
                             body.to_vec(),
-                            self.expires_ms,
+                            self.expiry.map(|e| e.unix_ms),
                         ),
                         ticket: Some(ticket),
                         remember: self.remember.clone(),
@@ -229,7 +250,7 @@ impl Drop for Responder {
             route: self.route.clone(),
             id: self.id.take(),
             remember: self.remember.take(),
-            expires_ms: self.expires_ms,
+            expiry: self.expiry,
             shared: self.shared.clone(),
         };
         // `send` counts the stand-in out; this one was counted in.
@@ -243,7 +264,7 @@ impl Drop for Responder {
 pub(crate) fn answer_all(leader: Responder, followers: Vec<Responder>, answer: &Answer) {
     let body = answer.body(leader.id.as_deref());
     if let Some(r) = &leader.remember {
-        let publishable = leader.expires_ms.is_none_or(|e| e > now_ms());
+        let publishable = leader.expiry.is_none_or(|e| !e.passed());
         let mut registry = leader.shared.registry();
         if publishable {
             registry.complete(r.key, body.clone(), r.expires_ms);

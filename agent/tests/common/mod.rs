@@ -3,6 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod mosquitto;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -195,6 +197,10 @@ pub struct Reply {
     pub correlation: Option<Vec<u8>>,
     pub body: Value,
     pub had_properties: bool,
+    /// The reply's MQTT v5 Message Expiry Interval, as the broker forwarded it.
+    pub expiry: Option<u32>,
+    /// The payload as it came.
+    pub raw: Vec<u8>,
 }
 
 /// An MQTT v5 client that publishes requests with a response topic and correlation data.
@@ -253,6 +259,11 @@ impl Requester {
                                 .as_ref()
                                 .and_then(|pr| pr.correlation_data.as_ref().map(|c| c.to_vec())),
                             had_properties: p.properties.is_some(),
+                            expiry: p
+                                .properties
+                                .as_ref()
+                                .and_then(|pr| pr.message_expiry_interval),
+                            raw: p.payload.to_vec(),
                             body: serde_json::from_slice(&p.payload).unwrap_or(Value::Null),
                         };
                         if tx.send(reply).is_err() {
@@ -286,6 +297,29 @@ impl Requester {
             .publish_with_properties(topic, QoS::AtLeastOnce, false, body.to_vec(), props)
             .await
             .unwrap();
+    }
+
+    /// Publishes a request with a response topic, correlation data and any other properties
+    /// given (MQTT v5), at QoS 1.
+    pub async fn send_with(&self, topic: &str, body: &[u8], props: PublishProperties) {
+        self.client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, body.to_vec(), props)
+            .await
+            .unwrap();
+    }
+
+    /// The properties of a request answered on this requester's reply topic.
+    pub fn props(&self, correlation: &[u8]) -> PublishProperties {
+        PublishProperties {
+            response_topic: Some(self.reply_topic.clone()),
+            correlation_data: Some(correlation.to_vec().into()),
+            ..Default::default()
+        }
+    }
+
+    /// A reply that has already arrived, if any.
+    pub fn try_next(&mut self) -> Option<Reply> {
+        self.replies.try_recv().ok()
     }
 
     /// Waits for the next reply, however long it takes.
@@ -330,6 +364,86 @@ impl Requester {
     }
 }
 
+/// A message as a spy saw it.
+#[derive(Debug, Clone)]
+pub struct Spied {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// Subscribes to `filter` (QoS 1) and returns once the subscription is in place; every message
+/// that arrives afterwards, JSON or not, comes out of the receiver.
+pub async fn spy(addr: SocketAddr, filter: &str) -> mpsc::UnboundedReceiver<Spied> {
+    let mut o = MqttOptions::new(
+        format!("spy-{}", fastrand::u64(..)),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(Some(64 << 20));
+    let (client, mut eventloop) = AsyncClient::new(o, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let mut ready_tx = Some(ready_tx);
+    let filter = filter.to_owned();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(t) = ready_tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let seen = Spied {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                    };
+                    if tx.send(seen).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), ready_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    rx
+}
+
+/// `GET /metrics` over a plain TCP connection; returns the body.
+pub async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// The value of one metric sample (`name{labels}` exactly as exposed), 0 when absent.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
 /// A zoo golden request, as bytes, with an id.
 pub fn golden(model: &str) -> Vec<u8> {
     let manifest = models::Manifest::load(models::default_zoo_dir()).unwrap();
@@ -345,48 +459,87 @@ pub fn golden_with(model: &str, parameters: Value) -> Vec<u8> {
 
 /// A TCP proxy in front of a broker, whose link can be cut and restored: the injected fault
 /// of a device losing its network. While cut, open connections are dropped and new ones are
-/// closed at once.
+/// closed at once. Stalled, it holds what either side sends, without closing (a link that
+/// has gone silent): what is in flight stays in flight.
 pub struct Proxy {
     pub addr: SocketAddr,
-    up_tx: tokio::sync::watch::Sender<bool>,
+    state_tx: tokio::sync::watch::Sender<Link>,
+}
+
+/// What the proxy does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Up,
+    Stalled,
+    Cut,
+}
+
+/// Copies one direction while the link is up; holds while stalled; ends when cut.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut state: tokio::sync::watch::Receiver<Link>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = state.wait_for(|s| *s == Link::Cut) => return,
+        };
+        match state.wait_for(|s| *s != Link::Stalled).await {
+            Ok(s) if *s == Link::Up => {}
+            _ => return,
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
     pub async fn start(upstream: SocketAddr) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (up_tx, up_rx) = tokio::sync::watch::channel(true);
+        let (state_tx, state_rx) = tokio::sync::watch::channel(Link::Up);
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
-                if !*up_rx.borrow() {
+                if *state_rx.borrow() == Link::Cut {
                     drop(inbound);
                     continue;
                 }
-                let mut up_rx = up_rx.clone();
+                let state = state_rx.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
                     };
                     let _ = inbound.set_nodelay(true);
                     let _ = outbound.set_nodelay(true);
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = up_rx.wait_for(|up| !*up) => {}
-                    }
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = outbound.into_split();
+                    tokio::join!(pump(ir, ow, state.clone()), pump(or, iw, state));
                 });
             }
         });
-        Proxy { addr, up_tx }
+        Proxy { addr, state_tx }
     }
 
     pub fn cut(&self) {
-        self.up_tx.send_replace(false);
+        self.state_tx.send_replace(Link::Cut);
+    }
+
+    /// Holds traffic both ways without closing the connections.
+    pub fn stall(&self) {
+        self.state_tx.send_replace(Link::Stalled);
     }
 
     pub fn restore(&self) {
-        self.up_tx.send_replace(true);
+        self.state_tx.send_replace(Link::Up);
     }
 }
