@@ -227,6 +227,7 @@ pub async fn run(
         pipeline: pipeline.health(),
         store: store.clone(),
         metrics: metrics.clone(),
+        live: live.clone(),
     };
     let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let status = |online: bool| -> Arc<dyn Fn() -> Vec<u8> + Send + Sync> {

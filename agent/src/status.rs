@@ -21,6 +21,7 @@ pub struct Health {
     pub pipeline: StageHealth,
     pub store: StoreHandle,
     pub metrics: Metrics,
+    pub live: Live,
 }
 
 /// The stages as the status reports them.
@@ -29,6 +30,8 @@ pub struct Stages {
     pub front: bool,
     pub workers: usize,
     pub store: bool,
+    /// Models that left their accelerated runtime for the CPU.
+    pub fallbacks: usize,
 }
 
 impl Stages {
@@ -45,6 +48,13 @@ impl Health {
             front,
             workers,
             store: self.store.is_alive(),
+            fallbacks: self
+                .live
+                .get()
+                .engine
+                .models()
+                .filter(|m| m.fallback().is_some())
+                .count(),
         }
     }
 }
@@ -63,7 +73,7 @@ pub fn device_status(
     let models: Vec<_> = settings
         .engine
         .models()
-        .map(|m| json!({"name": m.name(), "version": m.spec().version, "variant": m.variant().variant.as_str(), "sha256": m.sha256()}))
+        .map(|m| json!({"name": m.name(), "version": m.spec().version, "variant": m.variant().variant.as_str(), "sha256": m.sha256(), "runtime": m.runtime(), "fallback": m.fallback()}))
         .collect();
     let c = counters;
     let stages = health.stages();

@@ -303,3 +303,62 @@ async fn status_is_retained_and_shutdown_finishes_requests_in_flight() {
     assert_eq!(served, 3, "requests in flight finish during shutdown");
     assert!(offline, "the agent marks itself offline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_fails_at_run_time_falls_back_to_the_cpu_and_says_so() {
+    // `cpu` is a named tract runtime, standing in for CUDA; the fault is injected.
+    let agent = TestAgent::start("dev-fallback", |raw| {
+        raw.inference.runtime = Some("cpu".into());
+        raw.metrics.listen = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let mut statuses = common::subscribe(agent.v5_addr(), "tether/dev-fallback/status").await;
+    agent
+        .running
+        .live
+        .get()
+        .engine
+        .model("digits")
+        .unwrap()
+        .inject_runtime_failures(1);
+    let mut req = Requester::connect(agent.v5_addr(), "fallback").await;
+    for i in 0..3 {
+        req.send(
+            "tether/dev-fallback/infer/digits",
+            &golden_with("digits", serde_json::json!({"cache": false})),
+            format!("f{i}").as_bytes(),
+        )
+        .await;
+        let reply = req.next(WAIT).await;
+        assert_eq!(
+            reply.body["model_name"], "digits",
+            "answered on the CPU: {}",
+            reply.body
+        );
+    }
+    let m = common::scrape(agent.running.metrics_addr.unwrap()).await;
+    assert_eq!(
+        common::metric(&m, "tether_agent_engine_fallbacks_total{model=\"digits\"}"),
+        1.0,
+        "{m}"
+    );
+    // The status is published again, saying so.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let seen = tokio::time::timeout_at(deadline, statuses.recv())
+            .await
+            .expect("a status naming the fallback")
+            .unwrap();
+        let digits = seen.body["models"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["name"] == "digits"))
+            .cloned()
+            .unwrap_or_default();
+        if let Some(why) = digits["fallback"].as_str() {
+            assert!(why.contains("injected fault"), "{why}");
+            assert_eq!(digits["runtime"], "cpu");
+            break;
+        }
+    }
+    agent.stop().await;
+}

@@ -168,6 +168,15 @@ pub struct LoadedModel {
     runtime: Option<String>,
     /// Plans specialised to one batch size or input shape, built on first use.
     plans: RwLock<HashMap<Vec<usize>, Runnable>>,
+    /// Why the model left its runtime for the CPU, once a run failed on it.
+    fallback: std::sync::OnceLock<String>,
+    /// The fallback not yet reported by [`LoadedModel::take_fallback_news`].
+    fallback_unreported: std::sync::atomic::AtomicBool,
+    /// A symbolic model's generic plan on the CPU, made when it falls back.
+    cpu_generic: std::sync::OnceLock<Runnable>,
+    /// Runs on the runtime that fail, injected by tests.
+    #[cfg(feature = "test-util")]
+    injected_failures: std::sync::atomic::AtomicUsize,
 }
 
 /// How plans are made for a model.
@@ -274,6 +283,11 @@ impl LoadedModel {
             planner,
             runtime,
             plans: RwLock::new(HashMap::new()),
+            fallback: std::sync::OnceLock::new(),
+            fallback_unreported: std::sync::atomic::AtomicBool::new(false),
+            cpu_generic: std::sync::OnceLock::new(),
+            #[cfg(feature = "test-util")]
+            injected_failures: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -404,10 +418,50 @@ impl LoadedModel {
         self.run_validated(&ordered, batch)
     }
 
+    /// The runtime the model runs on now: its configured one, or the CPU after a fallback.
+    pub fn runtime(&self) -> &str {
+        match (&self.runtime, self.fallback.get()) {
+            (Some(name), None) => name,
+            _ => "cpu",
+        }
+    }
+
+    /// Why the model left its configured runtime for the CPU, if it did.
+    pub fn fallback(&self) -> Option<&str> {
+        self.fallback.get().map(String::as_str)
+    }
+
+    /// The fallback, the first time it is asked for after it happened (to count it once).
+    pub fn take_fallback_news(&self) -> Option<&str> {
+        self.fallback_unreported
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+            .then(|| self.fallback())
+            .flatten()
+    }
+
+    /// Makes the next `n` runs on the model's configured runtime fail, as an accelerator that
+    /// is gone would (tests only).
+    #[cfg(feature = "test-util")]
+    pub fn inject_runtime_failures(&self, n: usize) {
+        self.injected_failures
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The configured runtime, unless the model has fallen back to the CPU.
+    fn runtime_now(&self) -> Option<&str> {
+        match self.fallback.get() {
+            Some(_) => None,
+            None => self.runtime.as_deref(),
+        }
+    }
+
     /// Runs inputs already put in order by [`LoadedModel::validate`]. Blocking.
+    ///
+    /// A model on an accelerated runtime (`inference.runtime`) whose run fails there (a
+    /// runtime error, a device gone) falls back to the CPU for good: this run is retried there,
+    /// and the fallback is logged and reported ([`LoadedModel::fallback`]).
     pub fn run_validated(&self, ordered: &[Tensor], batch: usize) -> Result<Vec<Tensor>> {
         let shapes: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
-        let plan = self.plan_for(&shapes, batch)?;
         let run_err = |reason: String| ModelError::Run {
             model: self.spec.name.clone(),
             reason,
@@ -423,7 +477,25 @@ impl LoadedModel {
                 .map_err(|e| run_err(format!("{e:#}")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let outputs = plan.run(inputs).map_err(|e| run_err(format!("{e:#}")))?;
+        let outputs = match self.runtime_now() {
+            None => self.run_plan(&shapes, batch, inputs)?,
+            Some(runtime) => match self.run_plan(&shapes, batch, inputs.clone()) {
+                Ok(o) => o,
+                Err(e) => {
+                    let reason = format!("the {runtime} runtime failed: {e}");
+                    tracing::error!(model = %self.spec.name, %reason, "The model's runtime failed at run time; it runs on the CPU from now on.");
+                    if self.fallback.set(reason).is_ok() {
+                        self.fallback_unreported
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    self.plans
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clear();
+                    self.run_plan(&shapes, batch, inputs)?
+                }
+            },
+        };
         outputs
             .iter()
             .zip(&self.spec.outputs)
@@ -505,15 +577,60 @@ impl LoadedModel {
         Ok(stacked)
     }
 
+    /// Plans (or takes the plan of) these shapes and runs it.
+    fn run_plan(
+        &self,
+        shapes: &[Vec<usize>],
+        batch: usize,
+        inputs: Vec<tract::Tensor>,
+    ) -> Result<Vec<tract::Tensor>> {
+        #[cfg(feature = "test-util")]
+        if self.runtime_now().is_some()
+            && self
+                .injected_failures
+                .fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok()
+        {
+            return Err(ModelError::Run {
+                model: self.spec.name.clone(),
+                reason: "an injected fault: the accelerator is gone".into(),
+            });
+        }
+        let plan = self.plan_for(shapes, batch)?;
+        plan.run(inputs).map_err(|e| ModelError::Run {
+            model: self.spec.name.clone(),
+            reason: format!("{e:#}"),
+        })
+    }
+
+    /// The generic plan: as loaded, or on the CPU once the model has fallen back.
+    fn generic(&self, loaded: &Runnable, model: &Model) -> Result<Runnable> {
+        if self.fallback.get().is_none() || self.runtime.is_none() {
+            return Ok(loaded.clone());
+        }
+        if let Some(p) = self.cpu_generic.get() {
+            return Ok(p.clone());
+        }
+        let plan = prepare(None, model.clone()).map_err(|e| ModelError::Run {
+            model: self.spec.name.clone(),
+            reason: format!("could not plan the model on the CPU: {e:#}"),
+        })?;
+        Ok(self.cpu_generic.get_or_init(|| plan).clone())
+    }
+
     fn plan_for(&self, shapes: &[Vec<usize>], batch: usize) -> Result<Runnable> {
         let key: Vec<usize> = match &self.planner {
             Planner::Symbolic {
                 batch_symbol: None,
                 generic,
-                ..
-            } => return Ok(generic.clone()),
-            Planner::Symbolic { generic, .. } if batch > MAX_PLANNED_BATCH => {
-                return Ok(generic.clone());
+                model,
+            } => return self.generic(generic, model),
+            Planner::Symbolic { generic, model, .. } if batch > MAX_PLANNED_BATCH => {
+                return self.generic(generic, model);
             }
             Planner::Symbolic { .. } => vec![batch],
             // rank, dims, rank, dims...: unambiguous across inputs.
@@ -554,11 +671,11 @@ impl LoadedModel {
                 generic,
             } => {
                 let Some(symbol) = batch_symbol else {
-                    return Ok(generic.clone());
+                    return Ok(self.generic(generic, model)?);
                 };
                 let mut model = Model::clone(model);
                 model.transform(SetSymbols::new().value(symbol.clone(), i64::try_from(batch)?))?;
-                prepare(self.runtime.as_deref(), model)
+                prepare(self.runtime_now(), model)
             }
             Planner::PerShape { bytes } => {
                 let mut inference = parse_onnx(bytes)?;
@@ -567,7 +684,7 @@ impl LoadedModel {
                     let dt = format!("{:?}", to_tract_dt(spec.datatype)).to_lowercase();
                     inference.set_input_fact(i, format!("{},{dt}", dims.join(",")).as_str())?;
                 }
-                prepare(self.runtime.as_deref(), inference.into_model()?)
+                prepare(self.runtime_now(), inference.into_model()?)
             }
         }
     }

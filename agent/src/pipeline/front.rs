@@ -221,6 +221,10 @@ impl Front {
             None,
             None,
         );
+        #[cfg(test)]
+        if id == super::tests::PANIC_IN_FRONT {
+            panic!("a fault injected by a test, in the front stage");
+        }
         let settings = shared.routing.live.get();
         let budget = budget
             .unwrap_or_else(|| settings.policy.budget_for(&model))

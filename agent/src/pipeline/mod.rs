@@ -481,3 +481,125 @@ impl Pipeline {
         drained && self.workers.iter().all(JoinHandle::is_finished)
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! The pipeline with a real engine and a real database: panics injected in the front stage
+    //! and in a worker answer that request `internal`, are counted, and the stage goes on.
+
+    use super::*;
+    use crate::config::RawConfig;
+    use models::{EngineConfig, Variant};
+
+    /// A request with this id panics in a worker.
+    pub(crate) const PANIC_IN_WORKER: &str = "test-panic-in-worker";
+    /// A request made inside the agent with this id panics in the front stage.
+    pub(crate) const PANIC_IN_FRONT: &str = "test-panic-in-front";
+
+    fn pipeline(dir: &std::path::Path) -> (Pipeline, Metrics, crate::store::StoreThread) {
+        let mut raw = RawConfig {
+            device_id: Some("unit".into()),
+            models_dir: Some(models::default_zoo_dir()),
+            ..RawConfig::default()
+        };
+        raw.store.path = Some(dir.join("tether.db"));
+        raw.inference.workers = Some(1);
+        let cfg = raw.validate(|| None).unwrap();
+        let engine = EngineConfig {
+            variant: Variant::Device,
+            only: vec!["digits".into()],
+            ..EngineConfig::default()
+        }
+        .build(&cfg.models_dir)
+        .unwrap();
+        let (store, thread) =
+            crate::store::open(&cfg.store, crate::store::OpenMode::Agent).unwrap();
+        let metrics = Metrics::default();
+        let routing = Routing {
+            live: Live::new(crate::live::Settings {
+                engine,
+                policy: cfg.policy.clone(),
+                cache: cfg.store.cache.clone(),
+                config_version: None,
+            }),
+            health: Arc::default(),
+            cloud: None,
+            load_rx: watch::channel(Load::default()).1,
+            times: Arc::default(),
+            in_service: Arc::default(),
+            runtime: tokio::runtime::Handle::current(),
+            metrics: metrics.clone(),
+        };
+        let p = Pipeline::start(
+            PipelineConfig {
+                device_id: "unit".into(),
+                topics: Topics::new("tether", "unit", None),
+                inference: cfg.inference.clone(),
+                limits: decode::Limits {
+                    max_payload_bytes: 1 << 20,
+                    max_budget: Duration::from_secs(60),
+                    dedupe_window: Duration::from_secs(60),
+                    dedupe_max_window: Duration::from_secs(60),
+                },
+                history: cfg.store.history.clone(),
+                dedupe: cfg.store.dedupe.clone(),
+                admission: 16,
+            },
+            store,
+            routing,
+            Vec::new(),
+        )
+        .unwrap();
+        (p, metrics, thread)
+    }
+
+    fn request(id: &str) -> LocalRequest {
+        let manifest = models::Manifest::load(models::default_zoo_dir()).unwrap();
+        let golden = models::golden::request(&manifest, "digits").unwrap();
+        LocalRequest {
+            model: "digits".into(),
+            id: id.into(),
+            inputs: golden.decode_inputs(1 << 20).unwrap(),
+            budget: None,
+            cache: false,
+        }
+    }
+
+    async fn ask(intake: &Intake, id: &str) -> LocalAnswer {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            intake.submit(request(id)).recv_async(),
+        )
+        .await
+        .expect("an answer within 10 s")
+        .expect("the pipeline answers")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_in_a_stage_answers_internal_is_counted_and_the_stage_goes_on() {
+        let dir = crate::test_scratch_dir("pipeline-panics");
+        let (p, metrics, _thread) = pipeline(&dir);
+        let intake = p.intake();
+        for (poison, stage) in [(PANIC_IN_WORKER, "worker"), (PANIC_IN_FRONT, "front")] {
+            let e = ask(&intake, poison).await.unwrap_err();
+            assert_eq!(
+                e.code,
+                crate::protocol::ErrorCode::Internal,
+                "{stage}: {e:?}"
+            );
+            assert!(e.error.contains("retry"), "{}", e.error);
+            let ok = ask(&intake, "after")
+                .await
+                .expect("the stage goes on serving");
+            assert_eq!(ok.model_name, "digits");
+            let text = metrics.render(Default::default(), &crate::store::Counters::default());
+            assert!(
+                text.contains(&format!("tether_agent_panics_total{{stage=\"{stage}\"}} 1")),
+                "{text}"
+            );
+        }
+        let (front, workers) = p.health().alive();
+        assert!(front && workers == 1, "every stage is alive");
+        assert!(p.drain(Duration::from_secs(5)).await);
+    }
+}

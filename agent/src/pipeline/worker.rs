@@ -74,6 +74,10 @@ impl Worker {
 
     /// Runs one prepared request through its model.
     fn process(&self, job: &Job) -> Outcome {
+        #[cfg(test)]
+        if job.prepared.request.id.as_deref() == Some(super::tests::PANIC_IN_WORKER) {
+            panic!("a fault injected by a test, in a worker");
+        }
         let shared = &self.shared;
         let queue_ms = job.received.elapsed().as_secs_f64() * 1e3;
         let result = self.answer(&job.prepared.model, &job.prepared);
@@ -123,12 +127,16 @@ impl Worker {
     ) -> Result<InferenceResponse, models::ModelError> {
         let shared = &self.shared;
         let started = Instant::now();
-        let mut response = run_decoded(
+        let result = run_decoded(
             model,
             &prepared.request,
             prepared.inputs.clone(),
             shared.top_k,
-        )?;
+        );
+        if model.take_fallback_news().is_some() {
+            shared.metrics.engine_fallback(model.name());
+        }
+        let mut response = result?;
         if let Some(rest) = shared.emulated_service.checked_sub(started.elapsed()) {
             std::thread::sleep(rest);
         }
