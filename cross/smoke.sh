@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Smoke-tests the ARM binaries of TARGET under qemu-user: `tether-agent models --check`,
 # `tether-agent infer` on every zoo model compared with its golden response, and one MQTT round
-# trip through the agent's embedded broker (the request sent by the ARM binary too).
+# trip through the agent's embedded broker (the request sent with Mosquitto's clients,
+# mosquitto-clients, which CI installs).
 #   cross/smoke.sh aarch64-unknown-linux-gnu
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +32,18 @@ RUST_LOG=warn $QEMU "$bin" --models models/zoo run --embedded-broker "127.0.0.1:
   --device-id smoke --db "$scratch/tether.db" 2>"$scratch/agent.log" &
 agent=$!  # the qemu process itself: its /proc entry is the emulated agent
 trap 'kill $agent 2>/dev/null || true; rm -rf "$scratch"' EXIT
+command -v mosquitto_pub >/dev/null || { echo "mosquitto_pub is missing: apt-get install mosquitto-clients" >&2; exit 1; }
 reply=""
-for _ in $(seq 1 60); do
-  if reply=$(run request --broker "mqtt://127.0.0.1:$port" --device-id smoke --model digits --example --timeout-ms 5000 2>/dev/null); then
+for i in $(seq 1 60); do
+  mosquitto_sub -V 5 -h 127.0.0.1 -p "$port" -t "smoke/replies/$i" -C 1 -W 5 >"$scratch/reply" 2>/dev/null &
+  sub=$!
+  sleep 0.3
+  mosquitto_pub -V 5 -h 127.0.0.1 -p "$port" -q 1 -t tether/smoke/infer/digits \
+    -D publish response-topic "smoke/replies/$i" -D publish correlation-data "smoke-$i" \
+    -f models/zoo/golden/digits.request.json 2>/dev/null || true
+  wait $sub 2>/dev/null || true
+  reply=$(cat "$scratch/reply")
+  if [ -n "$reply" ]; then
     break
   fi
   sleep 1

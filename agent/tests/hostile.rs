@@ -301,8 +301,21 @@ async fn valid_round_trip(
     }
 }
 
+/// The agent's process, killed if the test fails before stopping it.
+struct AgentProcess(Option<Child>);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// What the agent logged, once it has stopped.
-fn stop_agent(mut child: Child, log: &std::path::Path) -> String {
+fn stop_agent(mut agent: AgentProcess, log: &std::path::Path) -> String {
+    let mut child = agent.0.take().unwrap();
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -321,17 +334,19 @@ async fn nothing_on_the_wire_stops_the_agent_or_leaves_the_reply_namespace() {
     let dir = scratch_dir("hostile");
     let log_path = dir.join("agent.log");
     let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_tether-agent"))
-        .args(["--models"])
-        .arg(models::default_zoo_dir())
-        .args(["run", "--broker", &broker.url(), "--device-id", DEVICE])
-        .args(["--workers", "1", "--metrics", &metrics_addr, "--db"])
-        .arg(dir.join("tether.db"))
-        .env("RUST_LOG", "info,rumqttc=warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
+    let child = AgentProcess(Some(
+        Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+            .args(["--models"])
+            .arg(models::default_zoo_dir())
+            .args(["run", "--broker", &broker.url(), "--device-id", DEVICE])
+            .args(["--workers", "1", "--metrics", &metrics_addr, "--db"])
+            .arg(dir.join("tether.db"))
+            .env("RUST_LOG", "info,rumqttc=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
     let mut seen = spy(broker.addr(), "#").await;
     let mut req = Requester::connect(broker.addr(), "hostile").await;
     // Up and serving.
