@@ -509,6 +509,34 @@ mod tests {
         assert_eq!(identity("t", "r", None, None), None);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+
+        /// Whatever topics a request names, the route chosen is one the rules allow: the asked
+        /// topic when it passes, else the default result topic.
+        #[test]
+        fn every_route_obeys_the_rules(
+            response_topic in proptest::option::of("(tether/(pi-1|pi-2|fleet|pool)/)?[a-z$+#/\\x00-\\x1f\\u{7f}-\\u{a0}\\u{fdd0}\\u{fffe}\\u{ffff}]{0,12}(config|status|infer/x|result/x)?"),
+            reply_to in proptest::option::of(".{0,20}"),
+            correlation in proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8)),
+        ) {
+            let t = Topics::new("tether", "pi-1", None);
+            let asked = response_topic.as_deref().or(reply_to.as_deref());
+            match t.reply_route(response_topic.as_deref(), correlation.as_deref(), reply_to.as_deref(), "m") {
+                Ok(r) => {
+                    proptest::prop_assert!(t.check_reply_topic(&r.topic).is_ok(), "{:?}", r.topic);
+                    proptest::prop_assert!(asked.is_none_or(|a| a == r.topic));
+                    proptest::prop_assert_eq!(r.correlation, correlation);
+                }
+                Err(refused) => {
+                    proptest::prop_assert!(asked.is_some());
+                    proptest::prop_assert_eq!(refused.fallback.topic, "tether/pi-1/result/m");
+                    proptest::prop_assert!(t.check_reply_topic(asked.unwrap_or_default()).is_err());
+                }
+            }
+        }
+    }
+
     #[test]
     fn error_replies_are_coded() {
         let body = ErrorReply {

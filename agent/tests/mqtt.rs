@@ -362,3 +362,60 @@ async fn an_engine_that_fails_at_run_time_falls_back_to_the_cpu_and_says_so() {
     }
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mqtt_311_a_burst_is_also_taken_at_the_agents_pace() {
+    // MQTT 3.1.1 has no Receive Maximum: the agent stops reading while it holds its limit.
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let agent = TestAgent::start("dev-burst311", |raw| {
+        raw.mqtt.protocol = agent::config::Protocol::V311;
+        raw.inference.workers = Some(1);
+        raw.inference.queue = 2;
+    })
+    .await;
+    let addr = agent.v311_addr();
+    let mut options = MqttOptions::new("test-burst311", addr.ip().to_string(), addr.port());
+    options.set_max_packet_size(64 << 20, 64 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    client
+        .subscribe("burst311/replies", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let n = 30;
+    let mut ids = std::collections::HashSet::new();
+    let mut sent = false;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while ids.len() < n {
+            match eventloop.poll().await.unwrap() {
+                Event::Incoming(Packet::SubAck(_)) if !sent => {
+                    for i in 0..n {
+                        let mut v: Value = serde_json::from_slice(&golden_with(
+                            "ocr_det",
+                            json!({"reply_to": "burst311/replies"}),
+                        ))
+                        .unwrap();
+                        v["id"] = json!(format!("b{i}"));
+                        client
+                            .try_publish(
+                                "tether/dev-burst311/infer/ocr_det",
+                                QoS::AtLeastOnce,
+                                false,
+                                serde_json::to_vec(&v).unwrap(),
+                            )
+                            .unwrap();
+                    }
+                    sent = true;
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let v: Value = serde_json::from_slice(&p.payload).unwrap();
+                    assert_eq!(v["model_name"], "ocr_det", "served, not refused: {v}");
+                    ids.insert(v["id"].as_str().unwrap().to_owned());
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("every request of the burst answered within 60 s");
+    agent.stop().await;
+}

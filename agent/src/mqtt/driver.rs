@@ -16,7 +16,7 @@
 //! ([`Publisher`]).
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
@@ -315,14 +315,25 @@ impl Client {
 type LoadFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send>>;
 
+/// Delivered rows are deleted in batches of this many...
+const DELETE_BATCH: usize = 64;
+/// ...or after this long: a delete is no request's business, and one store wake-up per batch
+/// costs less than one per reply. (A crash before it is sent resends those replies: at least
+/// once.)
+const DELETE_AFTER: Duration = Duration::from_millis(50);
+
 /// The outbox side of the device driver.
 struct Feed {
     store: StoreHandle,
     publisher: Publisher,
     watermark: watch::Receiver<i64>,
+    /// Rows as the store commits them.
+    rows_rx: flume::Receiver<OutboxRow>,
     load: Option<LoadFuture>,
-    /// Rows delivered, not yet deleted (the store's queue was full).
+    /// Rows delivered, not yet deleted.
     delivered: Vec<i64>,
+    /// When the delivered rows are deleted, if not sooner.
+    delete_at: Option<Instant>,
     expired: Vec<i64>,
     refused: Vec<i64>,
 }
@@ -333,11 +344,14 @@ impl Feed {
         let now = now_ms();
         while let Some(next) = self.publisher.next(now) {
             match next {
-                Next::Send { row, dup } => {
+                Next::Send { dup } => {
+                    let Some(row) = self.publisher.peek() else {
+                        break;
+                    };
                     let expiry = row.message.expires_ms.and_then(|e| seconds_left(e, now));
                     if dup {
-                        eventloop.resend(&row, expiry);
-                    } else if client.try_publish_row(&row, expiry).is_err() {
+                        eventloop.resend(row, expiry);
+                    } else if client.try_publish_row(row, expiry).is_err() {
                         // The client's channel is full (the topic was checked): after the next
                         // event.
                         break;
@@ -367,12 +381,18 @@ impl Feed {
         self.flush();
     }
 
-    /// Hands the store what left the outbox.
+    /// Hands the store what left the outbox: delivered rows in batches, the rest at once.
     fn flush(&mut self) {
-        if !self.delivered.is_empty()
-            && let Err(ids) = self.store.try_delete(std::mem::take(&mut self.delivered))
-        {
-            self.delivered = ids;
+        let due = self.delivered.len() >= DELETE_BATCH
+            || self.delete_at.is_some_and(|at| at <= Instant::now());
+        if !self.delivered.is_empty() && due {
+            match self.store.try_delete(std::mem::take(&mut self.delivered)) {
+                Ok(()) => self.delete_at = None,
+                Err(ids) => self.delivered = ids,
+            }
+        }
+        if !self.delivered.is_empty() && self.delete_at.is_none() {
+            self.delete_at = Some(Instant::now() + DELETE_AFTER);
         }
         for (list, why) in [
             (&mut self.expired, Unsent::Expired),
@@ -412,16 +432,31 @@ impl Feed {
     }
 }
 
-/// The next load finishing or (when `watch_rows`) new rows being committed; never, without an
-/// outbox.
+/// The next load finishing, or (when `watch_rows`) a row committed and pushed, or new rows
+/// committed, or delivered rows due for deletion; never, without an outbox.
 async fn next_feed_event(feed: &mut Option<Feed>, watch_rows: bool) -> FeedEvent {
     let Some(Feed {
-        load, watermark, ..
+        load,
+        watermark,
+        rows_rx,
+        delete_at,
+        ..
     }) = feed.as_mut()
     else {
         return std::future::pending().await;
     };
     tokio::select! {
+        biased;
+        row = rows_rx.recv_async(), if watch_rows => match row {
+            Ok(row) => FeedEvent::Pushed(row),
+            Err(_) => std::future::pending().await,
+        },
+        () = async {
+            match delete_at {
+                Some(at) => tokio::time::sleep_until((*at).into()).await,
+                None => std::future::pending().await,
+            }
+        } => FeedEvent::DeleteDue,
         rows = async {
             match load.as_mut() {
                 Some(f) => f.await,
@@ -437,8 +472,10 @@ async fn next_feed_event(feed: &mut Option<Feed>, watch_rows: bool) -> FeedEvent
 
 /// What the outbox side of the driver waits for.
 enum FeedEvent {
+    Pushed(OutboxRow),
     Loaded(Result<Vec<OutboxRow>, StoreError>),
     NewRows,
+    DeleteDue,
 }
 
 /// Sends the acknowledgements that are due while the client's channel has room.
@@ -474,6 +511,8 @@ impl<D: FnMut(Message)> Driver<D> {
         let mut due: VecDeque<AckToken> = VecDeque::new();
         let mut feed = outbox.map(|f| Feed {
             watermark: f.store.watermark(),
+            rows_rx: f.store.committed_rows(),
+            delete_at: None,
             store: f.store,
             publisher: Publisher::new(f.window),
             load: None,
@@ -551,15 +590,27 @@ impl<D: FnMut(Message)> Driver<D> {
                     continue;
                 }
                 event = next_feed_event(&mut feed, online && !stopping) => {
-                    if let (FeedEvent::Loaded(rows), Some(f)) = (event, feed.as_mut()) {
-                        f.load = None;
-                        match rows {
-                            Ok(rows) => f.publisher.loaded(rows),
-                            Err(e) => {
-                                tracing::error!(error = %e, "Cannot read the outbox.");
-                                f.publisher.load_failed();
+                    let Some(f) = feed.as_mut() else { continue };
+                    match event {
+                        FeedEvent::Pushed(row) => {
+                            // Take what else has been committed meanwhile, in one go.
+                            let mut next = Some(row);
+                            while let Some(row) = next {
+                                f.publisher.pushed(row);
+                                next = f.rows_rx.try_recv().ok();
                             }
                         }
+                        FeedEvent::Loaded(rows) => {
+                            f.load = None;
+                            match rows {
+                                Ok(rows) => f.publisher.loaded(rows),
+                                Err(e) => {
+                                    tracing::error!(error = %e, "Cannot read the outbox.");
+                                    f.publisher.load_failed();
+                                }
+                            }
+                        }
+                        FeedEvent::NewRows | FeedEvent::DeleteDue => {}
                     }
                     continue;
                 }
@@ -627,6 +678,7 @@ impl<D: FnMut(Message)> Driver<D> {
                 Polled::SentDisconnect => {
                     connected_tx.send_replace(false);
                     if let Some(f) = feed.as_mut() {
+                        f.delete_at = Some(Instant::now());
                         f.flush();
                     }
                     return;

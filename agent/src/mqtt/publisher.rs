@@ -44,8 +44,9 @@ struct Queued {
 /// The next thing to do with the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Next {
-    /// Publish this row (with DUP when `dup`), then report it with [`Publisher::handed`].
-    Send { row: OutboxRow, dup: bool },
+    /// Publish the row [`Publisher::peek`] shows (with DUP when `dup`), then report it with
+    /// [`Publisher::handed`].
+    Send { dup: bool },
     /// Its requester's expiry passed: delete it unsent.
     Expired(i64),
     /// It cannot be published (larger than the broker accepts, or a topic no broker takes):
@@ -178,6 +179,21 @@ impl Publisher {
         }
     }
 
+    /// A row the store pushed as it committed it: taken when it is the next one and there is
+    /// room, else left for a load (the watermark says it is there). Returns whether taken.
+    pub fn pushed(&mut self, row: OutboxRow) -> bool {
+        if row.id != self.after + 1 || self.ready.len() >= self.window_cap * 2 {
+            return false;
+        }
+        self.after = row.id;
+        self.ready.push_back(Queued {
+            row,
+            dup: false,
+            failures: 0,
+        });
+        true
+    }
+
     /// A load failed: it may be tried again.
     pub fn load_failed(&mut self) {
         self.loading = false;
@@ -239,10 +255,12 @@ impl Publisher {
         if mixing {
             return None;
         }
-        Some(Next::Send {
-            row: front.row.clone(),
-            dup: front.dup,
-        })
+        Some(Next::Send { dup: front.dup })
+    }
+
+    /// The row to publish next.
+    pub fn peek(&self) -> Option<&OutboxRow> {
+        self.ready.front().map(|q| &q.row)
     }
 
     /// The row [`Publisher::next`] offered went to the client.
@@ -334,8 +352,8 @@ mod tests {
     /// packet id from `pkid`.
     fn send_all(p: &mut Publisher, pkid: &mut u16) -> Vec<(i64, bool)> {
         let mut out = vec![];
-        while let Some(Next::Send { row, dup }) = p.next(0) {
-            out.push((row.id, dup));
+        while let Some(Next::Send { dup }) = p.next(0) {
+            out.push((p.peek().unwrap().id, dup));
             p.handed();
             *pkid += 1;
             p.outgoing(*pkid);
@@ -361,6 +379,25 @@ mod tests {
         assert_eq!(send_all(&mut p, &mut pkid), vec![(4, false)]);
         assert_eq!(p.acked(1, true), Acked::Delivered(1));
         assert_eq!(p.acked(99, true), Acked::Other, "an unknown packet id");
+    }
+
+    #[test]
+    fn pushed_rows_are_taken_in_order_and_gaps_are_loaded() {
+        let mut p = Publisher::new(3);
+        assert!(p.pushed(row(1)));
+        assert!(p.pushed(row(2)));
+        assert!(!p.pushed(row(4)), "row 3 is missing: not taken");
+        assert!(!p.pushed(row(2)), "already taken");
+        assert_eq!(p.want_load(4), Some(Load { after: 2, limit: 4 }));
+        p.loaded(vec![row(3), row(4)]);
+        assert!(!p.pushed(row(4)), "loaded meanwhile");
+        assert!(p.pushed(row(5)));
+        assert!(p.pushed(row(6)));
+        assert!(!p.pushed(row(7)), "six ready fill twice the window");
+        assert_eq!(
+            send_all(&mut p, &mut 0),
+            vec![(1, false), (2, false), (3, false)]
+        );
     }
 
     #[test]
@@ -448,7 +485,8 @@ mod tests {
             big,
         ]);
         assert_eq!(p.next(2_000), Some(Next::Expired(1)));
-        assert!(matches!(p.next(2_000), Some(Next::Send { row, .. }) if row.id == 2));
+        assert_eq!(p.next(2_000), Some(Next::Send { dup: false }));
+        assert_eq!(p.peek().unwrap().id, 2);
         p.handed();
         assert!(matches!(
             p.next(2_000),
@@ -479,7 +517,8 @@ mod tests {
         p.handed();
         assert_eq!(p.next(0), None);
         p.outgoing(3);
-        assert!(matches!(p.next(0), Some(Next::Send { row, dup: false }) if row.id == 3));
+        assert_eq!(p.next(0), Some(Next::Send { dup: false }));
+        assert_eq!(p.peek().unwrap().id, 3);
         // And the status waits while a resend is handed.
         let mut q = Publisher::new(10);
         q.want_load(1).unwrap();

@@ -174,8 +174,9 @@ impl Responder {
         self.consumed();
     }
 
-    /// Sends one reply's bytes (or typed answer) to this requester.
-    fn send(mut self, answer: &Answer, body: &Arc<Vec<u8>>) {
+    /// Sends one reply's bytes (or typed answer) to this requester; `remember` writes the reply
+    /// for duplicates too (the first delivery's; a duplicate's reply is remembered already).
+    fn send(mut self, answer: &Answer, body: &Arc<Vec<u8>>, remember: bool) {
         match self.origin.take() {
             Some(Origin::Local(tx)) => {
                 let _ = tx.send(match answer {
@@ -204,7 +205,7 @@ impl Responder {
                             self.expiry.map(|e| e.unix_ms),
                         ),
                         ticket: Some(ticket),
-                        remember: self.remember.clone(),
+                        remember: self.remember.clone().filter(|_| remember),
                     });
                 }
             }
@@ -255,7 +256,7 @@ impl Drop for Responder {
         };
         // `send` counts the stand-in out; this one was counted in.
         self.shared.responders.fetch_add(1, Ordering::Relaxed);
-        stand_in.send(&answer, &body);
+        stand_in.send(&answer, &body, true);
         self.consumed();
     }
 }
@@ -272,10 +273,11 @@ pub(crate) fn answer_all(leader: Responder, followers: Vec<Responder>, answer: &
             registry.abandon(&r.key);
         }
     }
+    let first = !matches!(answer, Answer::Remembered(_));
     for f in followers {
-        f.send(answer, &body);
+        f.send(answer, &body, false);
     }
-    leader.send(answer, &body);
+    leader.send(answer, &body, first);
 }
 
 /// The answer-once place of a request that waits (for a worker, the relay, or its deadline):

@@ -37,6 +37,10 @@ use outbox::{OutMessage, OutboxRow};
 const COMMAND_QUEUE: usize = 4096;
 /// How often expired cache entries are purged.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+/// Committed rows waiting for the publisher before the rest are left to be loaded.
+pub const ROW_FEED: usize = 256;
+/// How often the checkpointer copies committed WAL pages into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// Why the store could not do something.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -267,6 +271,8 @@ pub struct StoreHandle {
     commands_tx: flume::Sender<Command>,
     /// Unbounded in type; holds at most one reply per request in flight.
     replies_tx: flume::Sender<Command>,
+    /// Rows as they are committed, for the one publisher (the device driver).
+    rows_rx: flume::Receiver<OutboxRow>,
     watermark_rx: watch::Receiver<i64>,
     front: Front,
     index: KeyIndex,
@@ -303,7 +309,14 @@ pub fn open(cfg: &StoreConfig, mode: OpenMode) -> Result<(StoreHandle, StoreThre
         .filter_map(|k| k.ok().and_then(|k| CacheKey::try_from(k.as_slice()).ok()))
         .collect();
     let index: KeyIndex = Arc::new(Mutex::new(keys));
+    let checkpointer = match mode {
+        OpenMode::Agent => Checkpointer::start(&cfg.path, &conn),
+        OpenMode::Inspect => None,
+    };
     let mut worker = Worker::new(conn, cfg.clone(), counters.clone(), index.clone())?;
+    worker.checkpointer = checkpointer;
+    let (rows_tx, rows_rx) = flume::bounded(ROW_FEED);
+    worker.rows_tx = rows_tx;
     let (watermark_tx, watermark_rx) = watch::channel(worker.last_outbox_id()?);
     let (commands_tx, commands_rx) = flume::bounded(COMMAND_QUEUE);
     let (replies_tx, replies_rx) = flume::unbounded();
@@ -318,6 +331,7 @@ pub fn open(cfg: &StoreConfig, mode: OpenMode) -> Result<(StoreHandle, StoreThre
         StoreHandle {
             commands_tx,
             replies_tx,
+            rows_rx,
             watermark_rx,
             front: Front::new(cfg.cache.memory_entries),
             index,
@@ -515,6 +529,12 @@ impl StoreHandle {
         rx.recv_async().await.unwrap_or_default()
     }
 
+    /// The rows committed from now on, as they are committed, for the publisher: at most
+    /// [`ROW_FEED`] wait; rows that do not fit are only in the database (the watermark tells).
+    pub fn committed_rows(&self) -> flume::Receiver<OutboxRow> {
+        self.rows_rx.clone()
+    }
+
     /// Whether the store thread is running.
     pub fn is_alive(&self) -> bool {
         !self.commands_tx.is_disconnected()
@@ -678,11 +698,63 @@ impl StoreHandle {
     }
 }
 
+/// Copies committed WAL pages into the database file on a thread of its own (a PASSIVE
+/// checkpoint, which never blocks the writer), so the fsync a checkpoint takes never lands in a
+/// commit that a request waits for. SQLite's own checkpoint, off for the agent's connection,
+/// runs inside the commit that takes the WAL past 1000 pages.
+#[derive(Debug)]
+struct Checkpointer {
+    stop_tx: flume::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    /// Starts it, and turns the automatic checkpoint of `conn` off; `None` (the automatic
+    /// checkpoint stays) if it cannot start.
+    fn start(path: &Path, conn: &Connection) -> Option<Checkpointer> {
+        let own =
+            Connection::open(path).and_then(|c| c.busy_timeout(Duration::from_secs(5)).map(|()| c));
+        let own = match own {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot open a second connection for checkpoints; SQLite checkpoints within commits.");
+                return None;
+            }
+        };
+        let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                while let Err(flume::RecvTimeoutError::Timeout) =
+                    stop_rx.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    if let Err(e) = own.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %e, "A WAL checkpoint failed; the next one tries again.");
+                    }
+                }
+            })
+            .ok()?;
+        if let Err(e) = conn.pragma_update(None, "wal_autocheckpoint", 0) {
+            tracing::warn!(error = %e, "Cannot hand checkpoints to their own thread.");
+        }
+        Some(Checkpointer { stop_tx, thread })
+    }
+
+    fn stop(self) {
+        drop(self.stop_tx);
+        let _ = self.thread.join();
+    }
+}
+
 /// The store thread: the connection, and the rest of its state (kept apart so a transaction
 /// on the one can run beside borrows of the other).
 struct Worker {
     conn: Connection,
     state: State,
+    checkpointer: Option<Checkpointer>,
+    /// Rows just committed, for the publisher.
+    rows_tx: flume::Sender<OutboxRow>,
 }
 
 struct State {
@@ -710,8 +782,11 @@ impl Worker {
         counters: Arc<Counters>,
         index: KeyIndex,
     ) -> Result<Worker, StoreError> {
+        let (rows_tx, _) = flume::bounded(0);
         let mut w = Worker {
             conn,
+            checkpointer: None,
+            rows_tx,
             state: State {
                 cfg,
                 counters,
@@ -814,6 +889,9 @@ impl Worker {
             }
             let stop = self.apply(batch, maintain, watermark_tx);
             if let Some(reply) = stop {
+                if let Some(c) = self.checkpointer.take() {
+                    c.stop();
+                }
                 let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
                 let _ = reply.send(());
                 return;
@@ -829,13 +907,14 @@ impl Worker {
         watermark_tx: &watch::Sender<i64>,
     ) -> Option<flume::Sender<()>> {
         let mut after = Vec::new();
+        let mut pushed: Vec<OutboxRow> = Vec::new();
         let mut stop = None;
         let mut writes = 0u64;
         let last_id_before = self.state.last_outbox_id;
+        // BEGIN and COMMIT as cached statements: parsed once, not per batch.
         let result = (|| -> Result<(), rusqlite::Error> {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            self.conn.prepare_cached(schema::BEGIN)?.execute([])?;
+            let tx = &self.conn;
             let mut appended = false;
             let mut cached = false;
             let mut remembered = false;
@@ -851,7 +930,7 @@ impl Worker {
                             self.state.remember(&tx, r, &message.payload)?;
                             remembered = true;
                         }
-                        self.state.append(&tx, &message)?;
+                        pushed.push(self.state.append(&tx, message)?);
                         if let Some(t) = ticket {
                             after.push(After::Committed(t));
                         }
@@ -859,7 +938,7 @@ impl Worker {
                         writes += 1;
                     }
                     Command::Append { message } => {
-                        self.state.append(&tx, &message)?;
+                        pushed.push(self.state.append(&tx, message)?);
                         appended = true;
                         writes += 1;
                     }
@@ -1026,10 +1105,21 @@ impl Worker {
                     .cache_bytes
                     .fetch_sub(freed.iter().map(|f| f.1).sum(), Ordering::Relaxed);
             }
-            tx.commit()
+            tx.prepare_cached(schema::COMMIT)?.execute([])?;
+            Ok(())
         })();
+        if result.is_err() && !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
         match result {
             Ok(()) => {
+                // The publisher gets new rows at once, not by reading them back; what does not
+                // fit, it loads (the watermark says they are there).
+                for row in pushed {
+                    if self.rows_tx.try_send(row).is_err() {
+                        break;
+                    }
+                }
                 let last = self.state.last_outbox_id;
                 watermark_tx.send_if_modified(|w| std::mem::replace(w, last) != last);
                 if writes > 0 {
@@ -1077,14 +1167,20 @@ impl Worker {
 }
 
 impl State {
-    fn append(&mut self, tx: &Connection, message: &OutMessage) -> Result<(), rusqlite::Error> {
+    /// Appends a message to the outbox; returns it as a stored row.
+    fn append(
+        &mut self,
+        tx: &Connection,
+        message: OutMessage,
+    ) -> Result<OutboxRow, rusqlite::Error> {
+        let created_ms = now_ms();
         tx.prepare_cached(schema::OUTBOX_APPEND)?.execute(params![
             message.topic,
             message.payload,
             message.correlation,
             message.v5,
             message.retain,
-            now_ms(),
+            created_ms,
             message.expires_ms
         ])?;
         self.last_outbox_id = tx.last_insert_rowid();
@@ -1092,16 +1188,22 @@ impl State {
         self.counters
             .outbox_bytes
             .fetch_add(message.size(), Ordering::Relaxed);
-        Ok(())
+        Ok(OutboxRow {
+            id: self.last_outbox_id,
+            created_ms,
+            message,
+        })
     }
 
     /// Deletes outbox rows; returns how many there were.
     fn delete_rows(&self, tx: &Connection, ids: &[i64]) -> Result<u64, rusqlite::Error> {
-        let mut stmt = tx.prepare_cached(schema::OUTBOX_DELETE)?;
+        let mut size_of = tx.prepare_cached(schema::OUTBOX_SIZE_OF)?;
+        let mut delete = tx.prepare_cached(schema::OUTBOX_DELETE)?;
         let mut n = 0;
         for id in ids {
-            let bytes: Option<u64> = stmt.query_row([id], |r| r.get(0)).optional()?;
+            let bytes: Option<u64> = size_of.query_row([id], |r| r.get(0)).optional()?;
             if let Some(bytes) = bytes {
+                delete.execute([id])?;
                 self.counters.outbox_rows.fetch_sub(1, Ordering::Relaxed);
                 self.counters
                     .outbox_bytes
@@ -1115,26 +1217,31 @@ impl State {
     fn remember(&self, tx: &Connection, r: &Remember, body: &[u8]) -> Result<(), rusqlite::Error> {
         tx.prepare_cached(schema::REPLY_PUT)?
             .execute(params![&r.key[..], body, r.expires_ms])?;
+        self.counters.replies_rows.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     /// Drops expired remembered replies (`expired`), then the soonest to expire until within
     /// `store.dedupe.max_rows`.
-    fn bound_replies(&self, tx: &Connection, expired: bool) -> Result<(), rusqlite::Error> {
-        if expired {
+    ///
+    /// The count is kept as it goes (a reply replacing one of the same key counts twice until
+    /// the next maintenance recounts), so the common case costs no scan.
+    fn bound_replies(&self, tx: &Connection, maintain: bool) -> Result<(), rusqlite::Error> {
+        if maintain {
             tx.prepare_cached(schema::REPLY_EXPIRED)?
                 .execute([now_ms()])?;
+            let rows: u64 = tx.query_row(schema::REPLY_COUNT, [], |r| r.get(0))?;
+            self.counters.replies_rows.store(rows, Ordering::Relaxed);
         }
-        let rows: u64 = tx.query_row(schema::REPLY_COUNT, [], |r| r.get(0))?;
+        let rows = self.counters.replies_rows.load(Ordering::Relaxed);
         let max = self.cfg.dedupe.max_rows;
-        let rows = if rows > max {
+        if rows > max {
             let excess = rows - max;
-            tx.prepare_cached(schema::REPLY_OLDEST)?.execute([excess])?;
-            max
-        } else {
-            rows
-        };
-        self.counters.replies_rows.store(rows, Ordering::Relaxed);
+            let gone = tx.prepare_cached(schema::REPLY_OLDEST)?.execute([excess])?;
+            self.counters
+                .replies_rows
+                .fetch_sub(gone as u64, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -1277,9 +1384,7 @@ impl State {
                 if !over(&self.counters) {
                     break;
                 }
-                tx.prepare_cached(schema::OUTBOX_DELETE)?
-                    .query_row([id], |_| Ok(()))
-                    .optional()?;
+                tx.prepare_cached(schema::OUTBOX_DELETE)?.execute([id])?;
                 self.counters.outbox_rows.fetch_sub(1, Ordering::Relaxed);
                 self.counters
                     .outbox_bytes
@@ -1380,8 +1485,10 @@ fn load_outbox(
     after: i64,
     limit: usize,
 ) -> Result<Vec<OutboxRow>, rusqlite::Error> {
+    // The limit is applied here, not bound into the SQL: SQLite prepares a statement again
+    // whenever a bound LIMIT changes.
     tx.prepare_cached(schema::OUTBOX_AFTER)?
-        .query_map(params![after, limit as i64], |r| {
+        .query_map(params![after], |r| {
             Ok(OutboxRow {
                 id: r.get(0)?,
                 created_ms: r.get(6)?,
@@ -1395,6 +1502,7 @@ fn load_outbox(
                 },
             })
         })?
+        .take(limit)
         .collect()
 }
 
