@@ -927,10 +927,10 @@ impl Worker {
                             remember,
                         } = *reply;
                         if let Some(r) = &remember {
-                            self.state.remember(&tx, r, &message.payload)?;
+                            self.state.remember(tx, r, &message.payload)?;
                             remembered = true;
                         }
-                        pushed.push(self.state.append(&tx, message)?);
+                        pushed.push(self.state.append(tx, message)?);
                         if let Some(t) = ticket {
                             after.push(After::Committed(t));
                         }
@@ -938,12 +938,12 @@ impl Worker {
                         writes += 1;
                     }
                     Command::Append { message } => {
-                        pushed.push(self.state.append(&tx, message)?);
+                        pushed.push(self.state.append(tx, message)?);
                         appended = true;
                         writes += 1;
                     }
                     Command::Unsent { ids, why } => {
-                        let n = self.state.delete_rows(&tx, &ids)?;
+                        let n = self.state.delete_rows(tx, &ids)?;
                         let counter = match why {
                             Unsent::Expired => &self.state.counters.outbox_expired,
                             Unsent::Refused => &self.state.counters.outbox_refused,
@@ -977,13 +977,13 @@ impl Worker {
                         limit,
                         reply,
                     } => {
-                        let _ = reply.send(load_outbox(&tx, from, limit).map_err(Into::into));
+                        let _ = reply.send(load_outbox(tx, from, limit).map_err(Into::into));
                     }
                     Command::Delete { ids } => {
-                        writes += self.state.delete_rows(&tx, &ids)?;
+                        writes += self.state.delete_rows(tx, &ids)?;
                     }
                     Command::CacheGet { key, now_ms, reply } => {
-                        let _ = reply.send(self.state.cache_get(&tx, &key, now_ms)?);
+                        let _ = reply.send(self.state.cache_get(tx, &key, now_ms)?);
                     }
                     Command::CachePut {
                         key,
@@ -993,7 +993,7 @@ impl Worker {
                         now_ms,
                     } => {
                         self.state
-                            .cache_put(&tx, &key, &model, &value, expires_ms, now_ms)?;
+                            .cache_put(tx, &key, &model, &value, expires_ms, now_ms)?;
                         cached = true;
                         writes += 1;
                     }
@@ -1031,11 +1031,11 @@ impl Worker {
                         writes += 1;
                     }
                     Command::History(record) => {
-                        self.state.record(&tx, &record)?;
+                        self.state.record(tx, &record)?;
                         writes += 1;
                     }
                     Command::Report { reply } => {
-                        let _ = reply.send(self.state.report(&tx).map_err(Into::into));
+                        let _ = reply.send(self.state.report(tx).map_err(Into::into));
                     }
                     Command::Flush { reply } => after.push(After::Flushed(reply)),
                     Command::FleetSave { rows, reply } => {
@@ -1076,13 +1076,13 @@ impl Worker {
                 }
             }
             if appended {
-                self.state.bound_outbox(&tx)?;
+                self.state.bound_outbox(tx)?;
             }
             if cached {
-                self.state.bound_cache(&tx)?;
+                self.state.bound_cache(tx)?;
             }
             if remembered || maintain {
-                self.state.bound_replies(&tx, maintain)?;
+                self.state.bound_replies(tx, maintain)?;
             }
             if maintain {
                 let mut stmt = tx.prepare_cached(schema::CACHE_EXPIRED)?;
