@@ -6,6 +6,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
+use agent::cli::{current_thread, print_stdout, read_stdin};
 use agent::config::RawConfig;
 use agent::infer::{DEFAULT_TOP_K, run_request};
 use anyhow::{Context, bail};
@@ -536,17 +537,4 @@ fn human_bytes(b: u64) -> String {
     } else {
         format!("{b} B")
     }
-}
-
-/// Prints a line to stdout; a closed pipe (`| head`) is not an error.
-fn print_stdout(text: &str) -> anyhow::Result<()> {
-    Ok(agent::cli::print_stdout(text)?)
-}
-
-fn read_stdin() -> anyhow::Result<Vec<u8>> {
-    agent::cli::read_stdin().context("cannot read stdin")
-}
-
-fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
-    agent::cli::current_thread().context("cannot start the async runtime")
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use agent::config::RawConfig;
 use agent::fleet::envelope::SigningKey;
-use common::{Requester, TestAgent, golden, scratch_dir};
+use common::{Requester, TestAgent, scratch_dir};
 use models::{Manifest, Variant};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{Value, json};
@@ -117,22 +117,6 @@ impl Statuses {
     }
 }
 
-/// The agent answers a digits request, and the reply's budget says which policy is in force.
-/// Each probe is a new request (its own correlation data): a repeated one would be answered
-/// with the first one's reply.
-async fn answered_budget(r: &mut Requester, device: &str) -> u64 {
-    let correlation = format!("probe-{:x}", fastrand::u64(..));
-    r.send(
-        &format!("tether/{device}/infer/digits"),
-        &golden("digits"),
-        correlation.as_bytes(),
-    )
-    .await;
-    let reply = r.next(Duration::from_secs(10)).await;
-    assert!(reply.body.get("error").is_none(), "{}", reply.body);
-    reply.body["parameters"]["budget_ms"].as_u64().unwrap()
-}
-
 fn fleet_agent(
     op: &Operator,
     models_dir: &Path,
@@ -164,7 +148,7 @@ async fn groups_and_device_documents_apply_and_every_rejection_keeps_the_running
     let addr = agent.v5_addr();
     let mut statuses = Statuses::watch(addr, "fleet-1").await;
     let mut r = Requester::connect(addr, "fleet-1").await;
-    assert_eq!(answered_budget(&mut r, "fleet-1").await, 1000);
+    assert_eq!(r.answered_budget("fleet-1").await, 1000);
 
     // The group's document, then the device's, which overrides it.
     publish(
@@ -184,7 +168,7 @@ async fn groups_and_device_documents_apply_and_every_rejection_keeps_the_running
         (Some("applied"), Some("group/lab"), Some(1)),
         "{s}"
     );
-    assert_eq!(answered_budget(&mut r, "fleet-1").await, 300);
+    assert_eq!(r.answered_budget("fleet-1").await, 300);
     publish(
         addr,
         "tether/fleet-1/config",
@@ -194,7 +178,7 @@ async fn groups_and_device_documents_apply_and_every_rejection_keeps_the_running
     let s = statuses.next().await;
     assert_eq!(s["state"], "applied", "{s}");
     assert_eq!(s["config_version"], "group/lab@1 device@2", "{s}");
-    assert_eq!(answered_budget(&mut r, "fleet-1").await, 500);
+    assert_eq!(r.answered_budget("fleet-1").await, 500);
     assert_eq!(
         agent.running.live.get().cache.ttl,
         Duration::from_secs(30),
@@ -257,7 +241,7 @@ async fn groups_and_device_documents_apply_and_every_rejection_keeps_the_running
         );
         assert_eq!(s["config_version"], "group/lab@1 device@2", "{code}: {s}");
         // Still serving, on the configuration in force.
-        assert_eq!(answered_budget(&mut r, "fleet-1").await, 500, "{code}");
+        assert_eq!(r.answered_budget("fleet-1").await, 500, "{code}");
     }
     // The model files of refused documents are not left behind.
     let leftovers: Vec<_> = std::fs::read_dir(&dir)
@@ -284,13 +268,13 @@ async fn a_signed_rollback_replaces_the_version_it_names_and_cannot_be_replayed(
     assert_eq!(s["state"], "applied", "{s}");
     let s = push(json!({"version": 2, "policy": {"default_budget_ms": 222}})).await;
     assert_eq!(s["state"], "applied", "{s}");
-    assert_eq!(answered_budget(&mut r, "fleet-rb").await, 222);
+    assert_eq!(r.answered_budget("fleet-rb").await, 222);
     let rollback = json!({"version": 1, "rollback": true, "rollback_from": 2,
                           "policy": {"default_budget_ms": 111}});
     let s = push(rollback.clone()).await;
     assert_eq!(s["state"], "applied", "{s}");
     assert_eq!(s["config_version"], "device@1", "{s}");
-    assert_eq!(answered_budget(&mut r, "fleet-rb").await, 111);
+    assert_eq!(r.answered_budget("fleet-rb").await, 111);
     // The old version 2 cannot come back, and a new version must be above 2.
     let s = push(json!({"version": 2, "policy": {"default_budget_ms": 999}})).await;
     assert_eq!(s["code"], "stale_version", "{s}");
@@ -303,7 +287,7 @@ async fn a_signed_rollback_replaces_the_version_it_names_and_cannot_be_replayed(
         s["error"].as_str().unwrap().contains("replaces version 2"),
         "{s}"
     );
-    assert_eq!(answered_budget(&mut r, "fleet-rb").await, 333);
+    assert_eq!(r.answered_budget("fleet-rb").await, 333);
     agent.stop().await;
 }
 
@@ -336,7 +320,7 @@ async fn a_download_that_would_fill_the_disk_is_refused() {
         "{s}"
     );
     let mut r = Requester::connect(addr, "fleet-full").await;
-    assert_eq!(answered_budget(&mut r, "fleet-full").await, 1000);
+    assert_eq!(r.answered_budget("fleet-full").await, 1000);
     agent.stop().await;
 }
 
@@ -526,7 +510,7 @@ async fn a_restart_without_a_broker_comes_back_on_the_persisted_configuration() 
     // Three healthy runs make it the last good configuration.
     let mut r = Requester::connect(addr, "fleet-persist").await;
     for _ in 0..3 {
-        assert_eq!(answered_budget(&mut r, "fleet-persist").await, 777);
+        assert_eq!(r.answered_budget("fleet-persist").await, 777);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     agent.stop().await;

@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use agent::cli::{current_thread, print_stdout, read_stdin};
 use agent::config::RawConfig;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -682,17 +683,4 @@ fn bench(
         }
     }
     print_stdout(format_table(&reports).trim_end())
-}
-
-/// Prints a line to stdout; a closed pipe (`| head`) is not an error.
-fn print_stdout(text: &str) -> anyhow::Result<()> {
-    Ok(agent::cli::print_stdout(text)?)
-}
-
-fn read_stdin() -> anyhow::Result<Vec<u8>> {
-    agent::cli::read_stdin().context("cannot read stdin")
-}
-
-fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
-    agent::cli::current_thread().context("cannot start the async runtime")
 }

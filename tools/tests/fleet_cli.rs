@@ -9,24 +9,8 @@ mod common;
 use std::time::Duration;
 
 use agent::config::RawConfig;
-use common::{Requester, TestAgent, golden, scratch_dir};
+use common::{Requester, TestAgent, scratch_dir};
 use serde_json::Value;
-
-/// The agent answers a digits request, and the reply's budget says which policy is in force.
-/// Each probe is a new request (its own correlation data): a repeated one would be answered
-/// with the first one's reply.
-async fn answered_budget(r: &mut Requester, device: &str) -> u64 {
-    let correlation = format!("probe-{:x}", fastrand::u64(..));
-    r.send(
-        &format!("tether/{device}/infer/digits"),
-        &golden("digits"),
-        correlation.as_bytes(),
-    )
-    .await;
-    let reply = r.next(Duration::from_secs(10)).await;
-    assert!(reply.body.get("error").is_none(), "{}", reply.body);
-    reply.body["parameters"]["budget_ms"].as_u64().unwrap()
-}
 
 /// Runs the operator CLI.
 fn cli(args: &[&str]) -> std::process::Output {
@@ -128,7 +112,7 @@ async fn the_operator_cli_signs_pushes_and_shows_two_agents() {
         let mut r = Requester::connect(addr, &format!("{id}-r")).await;
         traffic.push(tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                answered_budget(&mut r, id).await;
+                r.answered_budget(id).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }));

@@ -335,6 +335,22 @@ impl Requester {
             .unwrap()
     }
 
+    /// Sends a digits request to `device` and returns the budget its reply says was in force,
+    /// which tells a test which policy the agent runs. Each probe is a new request (its own
+    /// correlation data): a repeated one would be answered with the first one's reply.
+    pub async fn answered_budget(&mut self, device: &str) -> u64 {
+        let correlation = format!("probe-{:x}", fastrand::u64(..));
+        self.send(
+            &format!("tether/{device}/infer/digits"),
+            &golden("digits"),
+            correlation.as_bytes(),
+        )
+        .await;
+        let reply = self.next(Duration::from_secs(10)).await;
+        assert!(reply.body.get("error").is_none(), "{}", reply.body);
+        reply.body["parameters"]["budget_ms"].as_u64().unwrap()
+    }
+
     /// Collects `n` replies, keyed by correlation data.
     pub async fn collect(&mut self, n: usize, within: Duration) -> HashMap<Vec<u8>, Vec<Reply>> {
         let mut out: HashMap<Vec<u8>, Vec<Reply>> = HashMap::new();
