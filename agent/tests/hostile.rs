@@ -373,6 +373,10 @@ async fn nothing_on_the_wire_stops_the_agent_or_leaves_the_reply_namespace() {
     );
     let mut refusals = Vec::new();
     let cases = cases();
+    eprintln!(
+        "{} hostile cases, each followed by a valid request",
+        cases.len()
+    );
     for (i, case) in cases.iter().enumerate() {
         let props = case
             .props
