@@ -18,7 +18,7 @@ mod schema;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -41,6 +41,10 @@ const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 pub const ROW_FEED: usize = 256;
 /// How often the checkpointer copies committed WAL pages into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// WAL frames (pages, 4 KiB each) past which the store thread catches the checkpoint up itself,
+/// so the next commit starts the WAL file over: a checkpoint on another connection never
+/// finishes while commits keep coming, and the file would grow without end.
+const WAL_RESTART_FRAMES: i32 = 4096;
 
 /// Why the store could not do something.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -301,7 +305,7 @@ pub fn now_ms() -> i64 {
 
 /// Opens (and in agent mode creates or repairs) the database and starts its thread.
 pub fn open(cfg: &StoreConfig, mode: OpenMode) -> Result<(StoreHandle, StoreThread), StoreError> {
-    let conn = open_connection(&cfg.path, cfg.synchronous, mode)?;
+    let mut conn = open_connection(&cfg.path, cfg.synchronous, mode)?;
     let counters = Arc::new(Counters::default());
     let keys: HashSet<CacheKey> = conn
         .prepare(schema::CACHE_KEYS)?
@@ -310,7 +314,7 @@ pub fn open(cfg: &StoreConfig, mode: OpenMode) -> Result<(StoreHandle, StoreThre
         .collect();
     let index: KeyIndex = Arc::new(Mutex::new(keys));
     let checkpointer = match mode {
-        OpenMode::Agent => Checkpointer::start(&cfg.path, &conn),
+        OpenMode::Agent => Checkpointer::start(&cfg.path, &mut conn),
         OpenMode::Inspect => None,
     };
     let mut worker = Worker::new(conn, cfg.clone(), counters.clone(), index.clone())?;
@@ -699,19 +703,26 @@ impl StoreHandle {
 }
 
 /// Copies committed WAL pages into the database file on a thread of its own (a PASSIVE
-/// checkpoint, which never blocks the writer), so the fsync a checkpoint takes never lands in a
+/// checkpoint, which never blocks the writer), so the fsync a checkpoint takes rarely lands in a
 /// commit that a request waits for. SQLite's own checkpoint, off for the agent's connection,
 /// runs inside the commit that takes the WAL past 1000 pages.
+///
+/// A checkpoint on another connection never catches up with a writer that commits all the
+/// time, and SQLite starts the WAL file over only once one has: so when the WAL passes
+/// [`WAL_RESTART_FRAMES`], the store thread checkpoints between two batches itself (what is
+/// left since the last pass: little), and the next commit starts the file over.
 #[derive(Debug)]
 struct Checkpointer {
     stop_tx: flume::Sender<()>,
     thread: JoinHandle<()>,
+    /// Frames in the WAL after the last commit (SQLite's WAL hook).
+    wal_frames: Arc<AtomicI32>,
 }
 
 impl Checkpointer {
     /// Starts it, and turns the automatic checkpoint of `conn` off; `None` (the automatic
     /// checkpoint stays) if it cannot start.
-    fn start(path: &Path, conn: &Connection) -> Option<Checkpointer> {
+    fn start(path: &Path, conn: &mut Connection) -> Option<Checkpointer> {
         let own =
             Connection::open(path).and_then(|c| c.busy_timeout(Duration::from_secs(5)).map(|()| c));
         let own = match own {
@@ -738,7 +749,54 @@ impl Checkpointer {
         if let Err(e) = conn.pragma_update(None, "wal_autocheckpoint", 0) {
             tracing::warn!(error = %e, "Cannot hand checkpoints to their own thread.");
         }
-        Some(Checkpointer { stop_tx, thread })
+        // A WAL that grew past twice the restart point (a burst while catching up was busy)
+        // is cut back when it starts over.
+        let limit = i64::from(WAL_RESTART_FRAMES) * 2 * 4096;
+        if let Err(e) = conn.pragma_update(None, "journal_size_limit", limit) {
+            tracing::warn!(error = %e, "Cannot bound the WAL file's size.");
+        }
+        // After wal_autocheckpoint, which replaces the WAL hook with its own.
+        let wal_frames = Arc::new(AtomicI32::new(0));
+        let frames = wal_frames.clone();
+        let hooked = conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
+            frames.store(pages, Ordering::Relaxed);
+            Ok(())
+        }));
+        if let Err(e) = hooked {
+            tracing::warn!(error = %e, "Cannot watch the WAL's size; SQLite checkpoints within commits.");
+            let _ = conn.pragma_update(None, "wal_autocheckpoint", 1000);
+            drop(stop_tx);
+            let _ = thread.join();
+            return None;
+        }
+        Some(Checkpointer {
+            stop_tx,
+            thread,
+            wal_frames,
+        })
+    }
+
+    /// Checkpoints on the writer's connection, between two transactions, once the WAL is past
+    /// [`WAL_RESTART_FRAMES`]: with every frame copied, the next commit starts the WAL over.
+    fn catch_up(&self, conn: &Connection) {
+        if self.wal_frames.load(Ordering::Relaxed) < WAL_RESTART_FRAMES {
+            return;
+        }
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        }) {
+            // Every frame is in the database file: the next commit restarts the WAL.
+            Ok((0, log, done)) if log == done => self.wal_frames.store(0, Ordering::Relaxed),
+            // The checkpointer was busy at the same moment; the next batch tries again.
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "A WAL checkpoint failed; the next batch tries again.")
+            }
+        }
     }
 
     fn stop(self) {
@@ -888,6 +946,9 @@ impl Worker {
                 last_maintenance = Instant::now();
             }
             let stop = self.apply(batch, maintain, watermark_tx);
+            if let Some(c) = &self.checkpointer {
+                c.catch_up(&self.conn);
+            }
             if let Some(reply) = stop {
                 if let Some(c) = self.checkpointer.take() {
                     c.stop();

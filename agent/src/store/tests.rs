@@ -413,3 +413,37 @@ fn a_stopped_store_releases_the_tickets_of_replies_it_did_not_take() {
         "released, for the broker to deliver again"
     );
 }
+
+#[test]
+fn the_wal_starts_over_while_commits_keep_coming() {
+    let dir = scratch();
+    let (store, thread) = open(&cfg(&dir, |_| {}), OpenMode::Agent).unwrap();
+    let wal = dir.join("tether.db-wal");
+    // One commit each, with a kilobyte of payload and a remembered copy: several frames per
+    // commit, over three times the restart point in all, with the checkpointer running.
+    let mut largest = 0;
+    for i in 0..6000usize {
+        let mut m = msg(i);
+        m.payload = vec![b'x'; 1024];
+        let (t, rx) = ticket(0);
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&i.to_le_bytes());
+        store.reply(Reply {
+            message: m,
+            ticket: Some(t),
+            remember: Some(Remember {
+                key: k,
+                expires_ms: i64::MAX,
+            }),
+        });
+        assert!(rx.recv().unwrap().ack);
+        largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+    }
+    let frames = 4096 + 24;
+    let limit = 2 * u64::try_from(WAL_RESTART_FRAMES).unwrap() * frames;
+    assert!(
+        largest <= limit,
+        "the WAL grew to {largest} bytes (limit {limit}): it never started over"
+    );
+    close(store, thread);
+}
