@@ -782,13 +782,16 @@ impl Checkpointer {
         if self.wal_frames.load(Ordering::Relaxed) < WAL_RESTART_FRAMES {
             return;
         }
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        let started = Instant::now();
+        let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, i64>(1)?,
                 r.get::<_, i64>(2)?,
             ))
-        }) {
+        });
+        tracing::debug!(took = ?started.elapsed(), result = ?result, "Caught the WAL checkpoint up.");
+        match result {
             // Every frame is in the database file: the next commit restarts the WAL.
             Ok((0, log, done)) if log == done => self.wal_frames.store(0, Ordering::Relaxed),
             // The checkpointer was busy at the same moment; the next batch tries again.
