@@ -1,5 +1,6 @@
-//! The embedded MQTT broker (rumqttd), for a box with no broker of its own. rumqttd serves each
-//! protocol version on its own listener: MQTT v5 (what the agent speaks) and MQTT 3.1.1.
+//! The embedded MQTT broker (rumqttd, patched: vendor/rumqttd/TETHER.md), for a box with no
+//! broker of its own. One listener serves MQTT 5 and MQTT 3.1.1 clients alike; a second, 3.1.1
+//! only, is opened when `embedded_broker.listen_v311` names one.
 //!
 //! rumqttd has no shutdown: once started, the broker lives as long as the process.
 
@@ -14,7 +15,9 @@ use crate::config::EmbeddedBrokerConfig;
 /// The addresses a started broker listens on.
 #[derive(Debug, Clone, Copy)]
 pub struct EmbeddedBroker {
+    /// MQTT 5 and 3.1.1.
     pub v5: SocketAddr,
+    /// Where 3.1.1 clients connect: `v5`, unless a listener of its own was configured.
     pub v311: SocketAddr,
 }
 
@@ -38,14 +41,7 @@ pub fn start(
     max_payload_bytes: usize,
 ) -> Result<EmbeddedBroker, BrokerError> {
     let v5 = reserve(cfg.listen)?;
-    let v311 = match cfg.listen_v311 {
-        Some(addr) => reserve(addr)?,
-        None if cfg.listen.port() == 0 => reserve(SocketAddr::new(cfg.listen.ip(), 0))?,
-        None => reserve(SocketAddr::new(
-            cfg.listen.ip(),
-            cfg.listen.port().saturating_add(1),
-        ))?,
-    };
+    let v311_only = cfg.listen_v311.map(reserve).transpose()?;
     let connections = || ConnectionSettings {
         connection_timeout_ms: 60_000,
         // Room for a request, its reply and the MQTT framing.
@@ -74,8 +70,9 @@ pub fn start(
             initialized_filters: None,
             shared_subscriptions_strategy: rumqttd::Strategy::default(),
         },
-        v4: Some(HashMap::from([("v311".to_owned(), server("v311", v311))])),
-        v5: Some(HashMap::from([("v5".to_owned(), server("v5", v5))])),
+        v4: v311_only.map(|addr| HashMap::from([("v311".to_owned(), server("v311", addr))])),
+        // The patched rumqttd serves 3.1.1 clients on its v5 listeners too.
+        v5: Some(HashMap::from([("mqtt".to_owned(), server("mqtt", v5))])),
         ..Config::default()
     };
     std::thread::Builder::new()
@@ -87,11 +84,18 @@ pub fn start(
             }
         })
         .map_err(|source| BrokerError::Bind { addr: v5, source })?;
-    for addr in [v5, v311] {
-        wait_listening(addr)?;
+    wait_listening(v5)?;
+    match v311_only {
+        Some(v311) => {
+            wait_listening(v311)?;
+            tracing::info!(%v5, %v311, "Embedded MQTT broker listening (MQTT 5 and 3.1.1; 3.1.1 also on its own listener).");
+        }
+        None => tracing::info!(%v5, "Embedded MQTT broker listening (MQTT 5 and 3.1.1)."),
     }
-    tracing::info!(%v5, %v311, "Embedded MQTT broker listening (v5 and 3.1.1).");
-    Ok(EmbeddedBroker { v5, v311 })
+    Ok(EmbeddedBroker {
+        v5,
+        v311: v311_only.unwrap_or(v5),
+    })
 }
 
 /// Checks the address is free (and resolves port 0) by binding it for a moment.

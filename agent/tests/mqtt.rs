@@ -114,6 +114,50 @@ async fn v311_round_trip_uses_reply_to() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_5_and_311_clients_share_the_embedded_brokers_one_port() {
+    let device = "dev-oneport";
+    let agent = TestAgent::start(device, |_| {}).await;
+    assert_eq!(agent.v311_addr(), agent.v5_addr(), "one listener for both");
+    v311_round_trip(agent.v5_addr(), device).await;
+    // A 3.1.1 client watching the requests that MQTT 5 clients send, properties and all
+    // (rumqttd 0.20's 3.1.1 codec dropped such a subscriber at the first one).
+    let mut watcher = common::subscribe(agent.v5_addr(), &format!("tether/{device}/infer/#")).await;
+    let mut req = Requester::connect(agent.v5_addr(), "oneport-v5").await;
+    for i in 0..2 {
+        let correlation = format!("c{i}");
+        req.send(
+            &format!("tether/{device}/infer/digits"),
+            &golden("digits"),
+            correlation.as_bytes(),
+        )
+        .await;
+        let reply = req.next(WAIT).await;
+        assert_eq!(reply.correlation.as_deref(), Some(correlation.as_bytes()));
+        assert_eq!(reply.body["model_name"], "digits");
+        let seen = tokio::time::timeout(WAIT, watcher.recv())
+            .await
+            .expect("the 3.1.1 subscriber got the v5 request")
+            .expect("and is still connected");
+        assert_eq!(seen.body["id"], "golden-digits");
+    }
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_311_only_listener_can_still_be_configured() {
+    let device = "dev-v311-port";
+    let agent = TestAgent::start(device, |raw| {
+        if let Some(b) = raw.embedded_broker.as_mut() {
+            b.listen_v311 = Some("127.0.0.1:0".into());
+        }
+    })
+    .await;
+    assert_ne!(agent.v311_addr(), agent.v5_addr());
+    v311_round_trip(agent.v311_addr(), device).await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_speaking_v311_to_its_broker_serves_too() {
     let agent = TestAgent::start("dev-agent311", |raw| {
         raw.mqtt.protocol = agent::config::Protocol::V311

@@ -103,8 +103,8 @@ pub struct RawMetrics {
 pub struct RawEmbeddedBroker {
     /// MQTT v5 listener (the agent connects here). Port 0 picks a free port.
     pub listen: String,
-    /// MQTT 3.1.1 listener, for 3.1.1 clients (rumqttd serves each protocol on its own port).
-    /// Default: the v5 port plus one.
+    /// An extra listener for MQTT 3.1.1 clients only. Default: none, `listen` serves 3.1.1
+    /// clients as well (it used to be the v5 port plus one; README, "The embedded broker").
     pub listen_v311: Option<String>,
     /// Connect the agent to this broker, instead of `mqtt.broker`.
     pub connect: bool,

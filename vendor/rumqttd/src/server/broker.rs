@@ -5,7 +5,7 @@ use crate::link::remote::{self, mqtt_connect, RemoteLink};
 use crate::link::{bridge, timer};
 use crate::local::LinkBuilder;
 use crate::protocol::v4::V4;
-use crate::protocol::v5::V5;
+use crate::protocol::auto::Auto;
 use crate::protocol::{Packet, Protocol};
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
 use crate::server::tls::{self, TLSAcceptor};
@@ -223,7 +223,8 @@ impl Broker {
         if let Some(v5_config) = &self.config.v5 {
             for (_, config) in v5_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
-                let mut server = Server::new(config, self.router_tx.clone(), V5);
+                // Tether patch: a v5 listener serves MQTT 3.1.1 clients too (protocol::auto).
+                let mut server = Server::new(config, self.router_tx.clone(), Auto::default());
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -399,6 +400,12 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     continue;
                 }
             };
+
+            // Tether patch: without TCP_NODELAY a reply waits up to 40 ms behind Nagle's
+            // algorithm for the client's delayed ACK.
+            if let Err(e) = stream.set_nodelay(true) {
+                warn!(error=?e, "Unable to set TCP_NODELAY.");
+            }
 
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
