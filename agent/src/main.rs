@@ -269,8 +269,11 @@ fn run_agent(
         raw.inference.workers = workers;
     }
     let cfg = raw.validate(|| hostname::get().ok().and_then(|h| h.into_string().ok()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread for the MQTT connection, the publisher and the HTTP endpoints: none of them
+    // computes, and every request crossing between two runtime threads cost wake-ups (perf:
+    // a third of the agent's CPU at one request in flight went to futex and scheduling).
+    // The model, the store and the front stage have threads of their own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("tether-io")
         .build()

@@ -84,11 +84,8 @@ impl Front {
                 return;
             }
             let wait = self
-                .deadlines
-                .peek()
-                .map_or(IDLE, |Reverse((at, _))| {
-                    at.saturating_duration_since(Instant::now())
-                })
+                .next_deadline()
+                .map_or(IDLE, |at| at.saturating_duration_since(Instant::now()))
                 .min(IDLE);
             match self.arrivals_rx.recv_timeout(wait) {
                 Ok(arrival) => {
@@ -448,6 +445,25 @@ impl Front {
                 .retain(|Reverse((_, id))| watched.contains_key(id));
             self.sweep_at = SWEEP_MIN.max(2 * self.watched.len());
         }
+    }
+
+    /// The earliest deadline of a request still waiting. Requests answered in time leave the
+    /// watch here, so the stage does not wake up at each one's deadline for nothing (at one
+    /// request in flight, that was a wake-up a request).
+    fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((at, id))) = self.deadlines.peek() {
+            let waiting = self
+                .watched
+                .get(&id)
+                .and_then(|w| w.slot.upgrade())
+                .is_some_and(|s| s.is_open());
+            if waiting {
+                return Some(at);
+            }
+            self.deadlines.pop();
+            self.watched.remove(&id);
+        }
+        None
     }
 
     /// Answers every request whose budget has run out.
