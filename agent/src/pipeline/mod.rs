@@ -51,11 +51,23 @@ pub use reply::{LocalAnswer, LocalError};
 /// Recent local service times per model, for the policy's estimates.
 #[derive(Debug, Default)]
 pub struct ServiceTimes {
-    inner: Mutex<HashMap<String, VecDeque<f64>>>,
+    inner: Mutex<HashMap<String, Window>>,
 }
 
 /// Service times kept per model.
 const SERVICE_WINDOW: usize = 128;
+/// The percentiles are worked out again after this many new times (sorting the window for
+/// every request cost the front stage more than routing it).
+const ESTIMATE_EVERY: usize = 16;
+
+#[derive(Debug, Default)]
+struct Window {
+    times: VecDeque<f64>,
+    /// (p50, p95) of `times`, while fresh.
+    estimate: Option<(f64, f64)>,
+    /// Times recorded since `estimate` was worked out.
+    since: usize,
+}
 
 impl ServiceTimes {
     pub fn record(&self, model: &str, ms: f64) {
@@ -64,25 +76,38 @@ impl ServiceTimes {
             Some(w) => w,
             None => inner.entry(model.to_owned()).or_default(),
         };
-        if w.len() == SERVICE_WINDOW {
-            w.pop_front();
+        if w.times.len() == SERVICE_WINDOW {
+            w.times.pop_front();
         }
-        w.push_back(ms);
+        w.times.push_back(ms);
+        w.since += 1;
+        // While the window fills, every time counts.
+        if w.since >= ESTIMATE_EVERY || w.times.len() < ESTIMATE_EVERY {
+            w.estimate = None;
+        }
     }
 
     /// The moving p50 and p95, once the model has run.
     pub fn percentiles(&self, model: &str) -> (Option<f64>, Option<f64>) {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(w) = inner.get(model).filter(|w| !w.is_empty()) else {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(w) = inner.get_mut(model).filter(|w| !w.times.is_empty()) else {
             return (None, None);
         };
-        let mut v: Vec<f64> = w.iter().copied().collect();
-        drop(inner);
-        v.sort_by(f64::total_cmp);
-        (
-            Some(models::stats::percentile(&v, 0.5)),
-            Some(models::stats::percentile(&v, 0.95)),
-        )
+        let (p50, p95) = match w.estimate {
+            Some(e) => e,
+            None => {
+                let mut v: Vec<f64> = w.times.iter().copied().collect();
+                v.sort_by(f64::total_cmp);
+                let e = (
+                    models::stats::percentile(&v, 0.5),
+                    models::stats::percentile(&v, 0.95),
+                );
+                w.estimate = Some(e);
+                w.since = 0;
+                e
+            }
+        };
+        (Some(p50), Some(p95))
     }
 }
 
@@ -490,6 +515,35 @@ pub(crate) mod tests {
     use super::*;
     use crate::config::RawConfig;
     use models::{EngineConfig, Variant};
+
+    #[test]
+    fn service_time_estimates_follow_the_window_without_sorting_it_per_request() {
+        let t = ServiceTimes::default();
+        assert_eq!(t.percentiles("m"), (None, None));
+        t.record("m", 10.0);
+        assert_eq!(t.percentiles("m"), (Some(10.0), Some(10.0)));
+        // While the window fills, each new time is seen at once.
+        for _ in 0..ESTIMATE_EVERY {
+            t.record("m", 10.0);
+        }
+        assert_eq!(t.percentiles("m").0, Some(10.0));
+        // A slowdown shows within ESTIMATE_EVERY times, however often the estimate is asked for.
+        let mut seen_at = None;
+        for i in 1..=SERVICE_WINDOW {
+            t.record("m", 50.0);
+            if t.percentiles("m").0 == Some(50.0) {
+                seen_at = Some(i);
+                break;
+            }
+        }
+        let seen_at = seen_at.expect("the p50 follows a slowdown");
+        let half = ESTIMATE_EVERY + 1;
+        assert!(
+            (half..=half + ESTIMATE_EVERY).contains(&seen_at),
+            "seen after {seen_at} slow runs"
+        );
+        assert_eq!(t.percentiles("other"), (None, None));
+    }
 
     /// A request with this id panics in a worker.
     pub(crate) const PANIC_IN_WORKER: &str = "test-panic-in-worker";
