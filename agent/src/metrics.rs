@@ -49,6 +49,7 @@ struct Inner {
     replies_expired: Counter,
     deadlines: Counter,
     late: Counter,
+    inline: Counter,
     engine_fallbacks: Family<Labels, Counter>,
     outbox_expired: Gauge,
     outbox_refused: Gauge,
@@ -173,6 +174,12 @@ impl Default for Metrics {
             "Requests answered overloaded the moment their budget ran out, queued or running",
             deadlines.clone(),
         );
+        let inline = Counter::default();
+        registry.register(
+            "ran_inline",
+            "Local requests run on the front stage's thread (a quick model, nothing waiting) instead of handed to a worker",
+            inline.clone(),
+        );
         let late = Counter::default();
         registry.register(
             "late_results",
@@ -216,6 +223,7 @@ impl Default for Metrics {
                 replies_expired,
                 deadlines,
                 late,
+                inline,
                 engine_fallbacks,
                 outbox_expired,
                 outbox_refused,
@@ -276,6 +284,10 @@ impl Metrics {
 
     pub fn deadline_passed(&self) {
         self.inner.deadlines.inc();
+    }
+
+    pub fn ran_inline(&self) {
+        self.inner.inline.inc();
     }
 
     pub fn late_result(&self) {

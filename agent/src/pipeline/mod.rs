@@ -424,7 +424,8 @@ impl Pipeline {
         };
         let mut workers = Vec::with_capacity(cfg.inference.workers);
         for i in 0..cfg.inference.workers {
-            let worker = worker::Worker::new(shared.clone(), jobs_rx.clone());
+            let worker = worker::Worker::new(shared.clone());
+            let jobs_rx = jobs_rx.clone();
             let alive = health.workers.clone();
             workers.push(
                 std::thread::Builder::new()
@@ -437,7 +438,7 @@ impl Pipeline {
                                 alive.fetch_sub(1, Ordering::Relaxed);
                             }
                         });
-                        worker.run();
+                        worker.run(&jobs_rx);
                     })?,
             );
         }

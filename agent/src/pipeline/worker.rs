@@ -22,7 +22,6 @@ use crate::store::{HistoryRecord, now_ms};
 
 pub(super) struct Worker {
     shared: Arc<Shared>,
-    jobs_rx: flume::Receiver<Job>,
 }
 
 /// What a worker does with a request it has run.
@@ -36,38 +35,45 @@ enum Outcome {
 }
 
 impl Worker {
-    pub(super) fn new(shared: Arc<Shared>, jobs_rx: flume::Receiver<Job>) -> Worker {
-        Worker { shared, jobs_rx }
+    pub(super) fn new(shared: Arc<Shared>) -> Worker {
+        Worker { shared }
     }
 
-    pub(super) fn run(self) {
-        for job in self.jobs_rx.iter() {
-            if !job.slot.is_open() {
-                // Its budget ran out in the queue and it was answered then: not run.
-                continue;
+    /// Serves the local queue until it closes.
+    pub(super) fn run(self, jobs_rx: &flume::Receiver<Job>) {
+        for job in jobs_rx.iter() {
+            self.serve(job);
+        }
+    }
+
+    /// Runs one request and answers it. Also called by the front stage, which runs a quick
+    /// model itself when nothing waits (see `front::INLINE_BELOW_MS`).
+    pub(super) fn serve(&self, job: Job) {
+        if !job.slot.is_open() {
+            // Its budget ran out in the queue and it was answered then: not run.
+            return;
+        }
+        let in_service = &self.shared.routing.in_service;
+        in_service.fetch_add(1, Ordering::Relaxed);
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.process(&job)));
+        in_service.fetch_sub(1, Ordering::Relaxed);
+        match outcome {
+            Ok(Outcome::Answer(answer)) => {
+                if !job.slot.answer(&answer) {
+                    // Its deadline passed while it ran: it was answered then.
+                    self.shared.metrics.late_result();
+                }
             }
-            let in_service = &self.shared.routing.in_service;
-            in_service.fetch_add(1, Ordering::Relaxed);
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.process(&job)));
-            in_service.fetch_sub(1, Ordering::Relaxed);
-            match outcome {
-                Ok(Outcome::Answer(answer)) => {
-                    if !job.slot.answer(&answer) {
-                        // Its deadline passed while it ran: it was answered then.
-                        self.shared.metrics.late_result();
-                    }
-                }
-                Ok(Outcome::Escalate { local, queue_ms }) => {
-                    relay::escalate(&self.shared, job, local, queue_ms);
-                }
-                Err(_) => {
-                    self.shared.metrics.panic("worker");
-                    tracing::error!(model = %job.model, "A model run panicked; the request is answered `internal` and the worker goes on.");
-                    job.slot.answer(&Answer::error(
-                        ErrorCode::Internal,
-                        "the model run failed inside the agent (a fault, logged on the device); retry it",
-                    ));
-                }
+            Ok(Outcome::Escalate { local, queue_ms }) => {
+                relay::escalate(&self.shared, job, local, queue_ms);
+            }
+            Err(_) => {
+                self.shared.metrics.panic("worker");
+                tracing::error!(model = %job.model, "A model run panicked; the request is answered `internal` and the worker goes on.");
+                job.slot.answer(&Answer::error(
+                    ErrorCode::Internal,
+                    "the model run failed inside the agent (a fault, logged on the device); retry it",
+                ));
             }
         }
     }
