@@ -630,6 +630,48 @@ pub(crate) mod tests {
         .expect("the pipeline answers")
     }
 
+    fn ran_inline(metrics: &Metrics) -> f64 {
+        let text = metrics.render(Default::default(), &crate::store::Counters::default());
+        text.lines()
+            .find_map(|l| l.strip_prefix("tether_agent_ran_inline_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ran_inline counter in {text}"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_at_a_time_a_quick_model_runs_on_the_front_stage_and_a_panic_there_is_contained() {
+        let dir = crate::test_scratch_dir("pipeline-inline");
+        let (p, metrics, _thread) = pipeline(&dir);
+        let intake = p.intake();
+        // The first runs go to the worker: the model's run time is not known yet.
+        let first = ask(&intake, "first").await.unwrap();
+        assert_eq!(first.model_name, "digits");
+        assert_eq!(ran_inline(&metrics), 0.0);
+        for i in 0..200 {
+            let ok = ask(&intake, &format!("r{i}")).await.unwrap();
+            assert_eq!(ok.model_name, "digits");
+            if ran_inline(&metrics) > 0.0 {
+                break;
+            }
+        }
+        let before = ran_inline(&metrics);
+        assert!(before > 0.0, "one request at a time, digits ran inline");
+        // A panic in a run on the front stage answers `internal`, counts as the worker's, and
+        // the front stage goes on.
+        let e = ask(&intake, PANIC_IN_WORKER).await.unwrap_err();
+        assert_eq!(e.code, crate::protocol::ErrorCode::Internal, "{e:?}");
+        assert_eq!(ran_inline(&metrics), before + 1.0, "the poison ran inline");
+        let text = metrics.render(Default::default(), &crate::store::Counters::default());
+        assert!(
+            text.contains("tether_agent_panics_total{stage=\"worker\"} 1"),
+            "{text}"
+        );
+        assert_eq!(ask(&intake, "after").await.unwrap().model_name, "digits");
+        let (front, workers) = p.health().alive();
+        assert!(front && workers == 1, "every stage is alive");
+        assert!(p.drain(Duration::from_secs(5)).await);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panic_in_a_stage_answers_internal_is_counted_and_the_stage_goes_on() {
         let dir = crate::test_scratch_dir("pipeline-panics");
