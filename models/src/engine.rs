@@ -4,15 +4,16 @@
 //! Owns request-to-model validation (names, datatypes, shapes). Its `run` calls are blocking and
 //! CPU-bound: callers on an async runtime must move them to a worker thread or `spawn_blocking`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use tract::prelude::*;
 
 use crate::error::{ModelError, Result};
 use crate::manifest::{Manifest, ModelSpec, TensorSpec, Variant, VariantSpec};
+use crate::plans::PlanCache;
 use crate::tensor::{Datatype, Tensor, TensorData, format_shape};
 use crate::v2::DEFAULT_MAX_ELEMENTS;
 
@@ -167,7 +168,7 @@ pub struct LoadedModel {
     /// The tract runtime by name; `None` for the default.
     runtime: Option<String>,
     /// Plans specialised to one batch size or input shape, built on first use.
-    plans: RwLock<HashMap<Vec<usize>, Runnable>>,
+    plans: PlanCache<Vec<usize>, Runnable>,
     /// Why the model left its runtime for the CPU, once a run failed on it.
     fallback: std::sync::OnceLock<String>,
     /// The fallback not yet reported by [`LoadedModel::take_fallback_news`].
@@ -177,6 +178,9 @@ pub struct LoadedModel {
     /// Runs on the runtime that fail, injected by tests.
     #[cfg(feature = "test-util")]
     injected_failures: std::sync::atomic::AtomicUsize,
+    /// Batches that panic, injected by tests.
+    #[cfg(feature = "test-util")]
+    injected_panics: std::sync::atomic::AtomicUsize,
 }
 
 /// How plans are made for a model.
@@ -197,8 +201,8 @@ enum Planner {
     PerShape { bytes: Arc<Vec<u8>> },
 }
 
-/// Most specialised plans kept per model; past it, plans are built per call and dropped (slow,
-/// and logged), so memory stays bounded whatever shapes clients send.
+/// Most specialised plans kept per model, the least recently used going first, so memory stays
+/// bounded whatever shapes clients send.
 pub const MAX_CACHED_PLANS: usize = 16;
 
 impl fmt::Debug for LoadedModel {
@@ -282,12 +286,14 @@ impl LoadedModel {
             max_elements,
             planner,
             runtime,
-            plans: RwLock::new(HashMap::new()),
+            plans: PlanCache::new(MAX_CACHED_PLANS),
             fallback: std::sync::OnceLock::new(),
             fallback_unreported: std::sync::atomic::AtomicBool::new(false),
             cpu_generic: std::sync::OnceLock::new(),
             #[cfg(feature = "test-util")]
             injected_failures: std::sync::atomic::AtomicUsize::new(0),
+            #[cfg(feature = "test-util")]
+            injected_panics: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -439,6 +445,13 @@ impl LoadedModel {
             .flatten()
     }
 
+    /// Makes the next `n` calls of [`LoadedModel::infer_batch`] panic (tests only).
+    #[cfg(feature = "test-util")]
+    pub fn inject_batch_panics(&self, n: usize) {
+        self.injected_panics
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Makes the next `n` runs on the model's configured runtime fail, as an accelerator that
     /// is gone would (tests only).
     #[cfg(feature = "test-util")]
@@ -488,10 +501,7 @@ impl LoadedModel {
                         self.fallback_unreported
                             .store(true, std::sync::atomic::Ordering::Relaxed);
                     }
-                    self.plans
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clear();
+                    self.plans.clear();
                     self.run_plan(&shapes, batch, inputs)?
                 }
             },
@@ -506,6 +516,18 @@ impl LoadedModel {
     /// Runs several requests as one batch along the first axis and hands each its own outputs.
     /// A request that fails validation gets its error; the others still run together.
     pub fn infer_batch(&self, requests: Vec<Vec<Tensor>>) -> Vec<Result<Vec<Tensor>>> {
+        #[cfg(feature = "test-util")]
+        if self
+            .injected_panics
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            panic!("an injected panic in a batch of model `{}`", self.spec.name);
+        }
         let mut results: Vec<Option<Result<Vec<Tensor>>>> = Vec::with_capacity(requests.len());
         let mut valid: Vec<(usize, Vec<Tensor>, usize)> = Vec::new();
         for (i, inputs) in requests.into_iter().enumerate() {
@@ -639,28 +661,19 @@ impl LoadedModel {
                 .flat_map(|s| std::iter::once(s.len()).chain(s.iter().copied()))
                 .collect(),
         };
-        if let Some(plan) = self
-            .plans
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
-            return Ok(plan.clone());
-        }
-        let started = std::time::Instant::now();
-        let plan = self
-            .build_plan(shapes, batch)
-            .map_err(|e| ModelError::Run {
+        self.plans
+            .get_or_build(&key, || {
+                let started = std::time::Instant::now();
+                let plan = self
+                    .build_plan(shapes, batch)
+                    .map_err(|e| format!("could not plan input shapes {shapes:?}: {e:#}"))?;
+                tracing::debug!(model = %self.spec.name, ?shapes, ms = started.elapsed().as_millis(), "Plan built.");
+                Ok(plan)
+            })
+            .map_err(|reason| ModelError::Run {
                 model: self.spec.name.clone(),
-                reason: format!("could not plan input shapes {shapes:?}: {e:#}"),
-            })?;
-        tracing::debug!(model = %self.spec.name, ?shapes, ms = started.elapsed().as_millis(), "Plan built.");
-        let mut plans = self.plans.write().unwrap_or_else(|p| p.into_inner());
-        if plans.len() >= MAX_CACHED_PLANS && !plans.contains_key(&key) {
-            tracing::warn!(model = %self.spec.name, ?shapes, "Plan cache full: this shape is planned on every call; send fewer distinct shapes.");
-            return Ok(plan);
-        }
-        Ok(plans.entry(key).or_insert(plan).clone())
+                reason,
+            })
     }
 
     fn build_plan(&self, shapes: &[Vec<usize>], batch: usize) -> anyhow::Result<Runnable> {

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod golden;
 pub mod manifest;
+pub mod plans;
 pub mod stats;
 pub mod tensor;
 pub mod v2;
