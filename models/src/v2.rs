@@ -13,6 +13,14 @@ use crate::tensor::{Datatype, Tensor, TensorData, element_count, format_shape};
 /// cannot make the server allocate without bound.
 pub const DEFAULT_MAX_ELEMENTS: usize = 16 * 1024 * 1024;
 
+/// The binary tensor extension's header: the length of the JSON part of a body whose binary
+/// tensors follow it.
+pub const BINARY_HEADER: &str = "inference-header-content-length";
+
+/// Inputs one request may carry data for, at `max_elements` each: with it, the bound on the
+/// data values a parsed request may hold in all.
+pub const MAX_INPUTS: usize = 8;
+
 /// A V2 inference request body.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct InferenceRequest {
@@ -34,7 +42,164 @@ pub struct RequestInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Map<String, Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<Value>,
+    pub data: Option<InputData>,
+}
+
+/// An input's `data`: typed when we produce it, and when parsed, its leaves flattened in row
+/// order as they are read. A parsed request never holds a JSON tree: `[[[0.5]]]` costs one
+/// 16-byte leaf, not three nested arrays of 32-byte values, and the leaves of one request are
+/// bounded while parsing ([`InferenceRequest::from_json_limited`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum InputData {
+    Typed(TensorData),
+    Leaves(Vec<Leaf>),
+}
+
+/// One scalar of parsed `data`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Leaf {
+    Bool(bool),
+    Int(i64),
+    /// Above `i64::MAX`.
+    UInt(u64),
+    Float(f64),
+    /// A string or `null`: never valid tensor data, kept to name it in the error.
+    Text,
+    Null,
+}
+
+impl Leaf {
+    fn as_i64(self) -> Option<i64> {
+        match self {
+            Leaf::Int(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    fn as_f64(self) -> Option<f64> {
+        match self {
+            Leaf::Int(i) => Some(i as f64),
+            Leaf::UInt(u) => Some(u as f64),
+            Leaf::Float(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Leaf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Leaf::Bool(b) => write!(f, "{b}"),
+            Leaf::Int(i) => write!(f, "{i}"),
+            Leaf::UInt(u) => write!(f, "{u}"),
+            Leaf::Float(x) => write!(f, "{x}"),
+            Leaf::Text => f.write_str("(a string)"),
+            Leaf::Null => f.write_str("null"),
+        }
+    }
+}
+
+thread_local! {
+    /// Leaves the request being parsed on this thread may still hold (`usize::MAX`: no bound).
+    static LEAF_BUDGET: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+impl Serialize for InputData {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            InputData::Typed(data) => serialize_typed(data, s),
+            InputData::Leaves(leaves) => {
+                let mut seq = s.serialize_seq(Some(leaves.len()))?;
+                for leaf in leaves {
+                    match *leaf {
+                        Leaf::Bool(b) => seq.serialize_element(&b)?,
+                        Leaf::Int(i) => seq.serialize_element(&i)?,
+                        Leaf::UInt(u) => seq.serialize_element(&u)?,
+                        Leaf::Float(x) => seq.serialize_element(&x)?,
+                        Leaf::Text => seq.serialize_element("")?,
+                        Leaf::Null => seq.serialize_element(&())?,
+                    }
+                }
+                seq.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for InputData {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Flat<'a>(&'a mut Vec<Leaf>);
+
+        impl Flat<'_> {
+            fn push<E: serde::de::Error>(&mut self, leaf: Leaf) -> std::result::Result<(), E> {
+                let left = LEAF_BUDGET.with(std::cell::Cell::get);
+                if left == 0 {
+                    return Err(E::custom(
+                        "the request holds more data values than its inputs may have (limits.max_elements)",
+                    ));
+                }
+                if left != usize::MAX {
+                    LEAF_BUDGET.with(|b| b.set(left - 1));
+                }
+                self.0.push(leaf);
+                Ok(())
+            }
+        }
+
+        impl<'de> serde::de::DeserializeSeed<'de> for Flat<'_> {
+            type Value = ();
+            fn deserialize<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> std::result::Result<(), D::Error> {
+                d.deserialize_any(self)
+            }
+        }
+
+        impl<'de> serde::de::Visitor<'de> for Flat<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of values (possibly nested)")
+            }
+            fn visit_bool<E: serde::de::Error>(mut self, v: bool) -> std::result::Result<(), E> {
+                self.push(Leaf::Bool(v))
+            }
+            fn visit_i64<E: serde::de::Error>(mut self, v: i64) -> std::result::Result<(), E> {
+                self.push(Leaf::Int(v))
+            }
+            fn visit_u64<E: serde::de::Error>(mut self, v: u64) -> std::result::Result<(), E> {
+                self.push(i64::try_from(v).map_or(Leaf::UInt(v), Leaf::Int))
+            }
+            fn visit_f64<E: serde::de::Error>(mut self, v: f64) -> std::result::Result<(), E> {
+                self.push(Leaf::Float(v))
+            }
+            fn visit_str<E: serde::de::Error>(mut self, _: &str) -> std::result::Result<(), E> {
+                self.push(Leaf::Text)
+            }
+            fn visit_unit<E: serde::de::Error>(mut self) -> std::result::Result<(), E> {
+                self.push(Leaf::Null)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<(), A::Error> {
+                while seq.next_element_seed(Flat(&mut *self.0))?.is_some() {}
+                Ok(())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                _: A,
+            ) -> std::result::Result<(), A::Error> {
+                Err(serde::de::Error::custom(
+                    "`data` must be an array of values, not an object",
+                ))
+            }
+        }
+
+        let mut leaves = Vec::new();
+        serde::de::DeserializeSeed::deserialize(Flat(&mut leaves), d)?;
+        Ok(InputData::Leaves(leaves))
+    }
 }
 
 /// An output the client asks for by name.
@@ -66,6 +231,8 @@ pub struct ResponseOutput {
     pub datatype: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Map<String, Value>>,
+    /// Absent (`null` here) when the output travels as binary data after the JSON.
+    #[serde(default = "ResponseData::absent")]
     pub data: ResponseData,
 }
 
@@ -79,33 +246,111 @@ pub enum ResponseData {
     Typed(TensorData),
 }
 
+impl ResponseData {
+    fn absent() -> ResponseData {
+        ResponseData::Json(Value::Null)
+    }
+}
+
+/// A response body in either of the protocol's forms: plain JSON, or (with `json_len`, the
+/// binary extension's header) that many bytes of JSON followed by the binary outputs in order,
+/// each `binary_data_size` bytes long. Binary outputs come back typed.
+pub fn decode_response(body: &[u8], json_len: Option<usize>) -> Result<InferenceResponse> {
+    let bad = |m: String| ModelError::BadRequest(format!("the response is not a V2 response: {m}"));
+    let Some(json_len) = json_len else {
+        return serde_json::from_slice(body).map_err(|e| bad(e.to_string()));
+    };
+    let (head, mut rest) = body.split_at_checked(json_len).ok_or_else(|| {
+        bad(format!(
+            "its JSON header is {json_len} bytes but the body has {}",
+            body.len()
+        ))
+    })?;
+    let mut response: InferenceResponse =
+        serde_json::from_slice(head).map_err(|e| bad(e.to_string()))?;
+    for out in &mut response.outputs {
+        let Some(size) = out
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("binary_data_size"))
+            .and_then(Value::as_u64)
+        else {
+            continue;
+        };
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        let (bytes, tail) = rest.split_at_checked(size).ok_or_else(|| {
+            bad(format!(
+                "output `{}` has {size} bytes of binary data but {} remain",
+                out.name,
+                rest.len()
+            ))
+        })?;
+        rest = tail;
+        let datatype = Datatype::parse(&out.datatype)?;
+        let data = TensorData::from_le_bytes(datatype, bytes)
+            .map_err(|e| bad(format!("output `{}`: {e}", out.name)))?;
+        out.data = ResponseData::Typed(data);
+    }
+    if !rest.is_empty() {
+        return Err(bad(format!(
+            "{} bytes of binary data belong to no output",
+            rest.len()
+        )));
+    }
+    Ok(response)
+}
+
 impl Serialize for ResponseData {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         match self {
             ResponseData::Json(v) => v.serialize(s),
-            ResponseData::Typed(data) => {
-                let mut seq = s.serialize_seq(Some(data.len()))?;
-                match data {
-                    TensorData::Bool(v) => v.iter().try_for_each(|x| seq.serialize_element(x))?,
-                    TensorData::U8(v) => v.iter().try_for_each(|x| seq.serialize_element(x))?,
-                    TensorData::I8(v) => v.iter().try_for_each(|x| seq.serialize_element(x))?,
-                    TensorData::I32(v) => v.iter().try_for_each(|x| seq.serialize_element(x))?,
-                    TensorData::I64(v) => v.iter().try_for_each(|x| seq.serialize_element(x))?,
-                    TensorData::F16(v) => v
-                        .iter()
-                        .try_for_each(|x| seq.serialize_element(&f32::from(*x)))?,
-                    TensorData::F32(v) => v.iter().try_for_each(|x| seq.serialize_element(x))?,
-                }
-                seq.end()
-            }
+            ResponseData::Typed(data) => serialize_typed(data, s),
         }
     }
+}
+
+/// Tensor data as a flat JSON array, straight from the buffer.
+fn serialize_typed<S: Serializer>(data: &TensorData, s: S) -> std::result::Result<S::Ok, S::Error> {
+    let mut seq = s.serialize_seq(Some(data.len()))?;
+    match data {
+        TensorData::Bool(v) => v.iter().try_for_each(|x| seq.serialize_element(x))?,
+        TensorData::U8(v) => v.iter().try_for_each(|x| seq.serialize_element(x))?,
+        TensorData::I8(v) => v.iter().try_for_each(|x| seq.serialize_element(x))?,
+        TensorData::I32(v) => v.iter().try_for_each(|x| seq.serialize_element(x))?,
+        TensorData::I64(v) => v.iter().try_for_each(|x| seq.serialize_element(x))?,
+        TensorData::F16(v) => v
+            .iter()
+            .try_for_each(|x| seq.serialize_element(&f32::from(*x)))?,
+        TensorData::F32(v) => v.iter().try_for_each(|x| seq.serialize_element(x))?,
+    }
+    seq.end()
 }
 
 impl InferenceRequest {
     /// Parses a request body, turning serde's complaint into a [`ModelError::BadRequest`].
     pub fn from_json(bytes: &[u8]) -> Result<InferenceRequest> {
         serde_json::from_slice(bytes).map_err(|e| ModelError::BadRequest(e.to_string()))
+    }
+
+    /// [`InferenceRequest::from_json`], refusing while parsing a request whose inputs carry
+    /// more than `max_leaves` data values in all: memory stays proportional to what the
+    /// request may hold, whatever its body says.
+    pub fn from_json_limited(bytes: &[u8], max_leaves: usize) -> Result<InferenceRequest> {
+        struct Reset(usize);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                LEAF_BUDGET.with(|b| b.set(self.0));
+            }
+        }
+        let _reset = Reset(LEAF_BUDGET.with(|b| b.replace(max_leaves.min(usize::MAX - 1))));
+        Self::from_json(bytes)
+    }
+
+    /// Forgets every input's parsed `data` (once it has been decoded into tensors).
+    pub fn drop_data(&mut self) {
+        for input in &mut self.inputs {
+            input.data = None;
+        }
     }
 
     /// Decodes every input from its JSON `data`.
@@ -139,7 +384,7 @@ impl RequestInput {
                 .collect(),
             datatype: t.datatype().as_str().to_owned(),
             parameters: None,
-            data: Some(tensor_data_to_json(t.data())),
+            data: Some(InputData::Typed(t.data().clone())),
         }
     }
 
@@ -169,23 +414,40 @@ impl RequestInput {
     pub fn decode(&self, max_elements: usize) -> Result<Tensor> {
         let datatype = Datatype::parse(&self.datatype)?;
         let (shape, expected) = self.checked_shape(max_elements)?;
-        let Some(data) = &self.data else {
-            return Err(ModelError::BadData {
-                input: self.name.clone(),
-                reason: "the input has no `data` (and no binary data was attached)".to_owned(),
-            });
+        let length_error = |got: usize| ModelError::DataLength {
+            input: self.name.clone(),
+            got,
+            expected,
+            shape: format_shape(&shape),
         };
-        let mut flat = Vec::with_capacity(expected.min(max_elements));
-        flatten(&self.name, data, expected, &mut flat)?;
-        if flat.len() != expected {
-            return Err(ModelError::DataLength {
-                input: self.name.clone(),
-                got: flat.len(),
-                expected,
-                shape: format_shape(&shape),
-            });
-        }
-        let data = json_to_tensor_data(&self.name, datatype, &flat)?;
+        let data = match &self.data {
+            None => {
+                return Err(ModelError::BadData {
+                    input: self.name.clone(),
+                    reason: "the input has no `data` (and no binary data was attached)".to_owned(),
+                });
+            }
+            Some(InputData::Typed(data)) if data.len() != expected => {
+                return Err(length_error(data.len()));
+            }
+            Some(InputData::Typed(data)) => {
+                if data.datatype() != datatype {
+                    return Err(ModelError::BadData {
+                        input: self.name.clone(),
+                        reason: format!(
+                            "the data is {} but the input says {}",
+                            data.datatype().as_str(),
+                            datatype.as_str()
+                        ),
+                    });
+                }
+                data.clone()
+            }
+            Some(InputData::Leaves(leaves)) if leaves.len() != expected => {
+                return Err(length_error(leaves.len()));
+            }
+            Some(InputData::Leaves(leaves)) => json_to_tensor_data(&self.name, datatype, leaves)?,
+        };
         Tensor::new(self.name.clone(), shape, data)
     }
 }
@@ -221,8 +483,8 @@ impl ResponseOutput {
 }
 
 /// Collects the leaves of (possibly nested) arrays, stopping once `limit` is passed so a
-/// request with absurdly long data costs no more than reading it.
-fn flatten<'a>(name: &str, v: &'a Value, limit: usize, out: &mut Vec<&'a Value>) -> Result<()> {
+/// response with absurdly long data costs no more than reading it.
+fn flatten(name: &str, v: &Value, limit: usize, out: &mut Vec<Leaf>) -> Result<()> {
     match v {
         Value::Array(items) => {
             for item in items {
@@ -237,26 +499,43 @@ fn flatten<'a>(name: &str, v: &'a Value, limit: usize, out: &mut Vec<&'a Value>)
             input: name.to_owned(),
             reason: "`data` must be an array of values, not an object".to_owned(),
         }),
-        leaf => {
-            out.push(leaf);
+        Value::Bool(b) => {
+            out.push(Leaf::Bool(*b));
+            Ok(())
+        }
+        Value::Number(n) => {
+            out.push(match (n.as_i64(), n.as_u64(), n.as_f64()) {
+                (Some(i), _, _) => Leaf::Int(i),
+                (None, Some(u), _) => Leaf::UInt(u),
+                (None, None, Some(f)) => Leaf::Float(f),
+                (None, None, None) => Leaf::Null,
+            });
+            Ok(())
+        }
+        Value::String(_) => {
+            out.push(Leaf::Text);
+            Ok(())
+        }
+        Value::Null => {
+            out.push(Leaf::Null);
             Ok(())
         }
     }
 }
 
-fn json_to_tensor_data(name: &str, datatype: Datatype, flat: &[&Value]) -> Result<TensorData> {
-    let bad = |i: usize, v: &Value, what: &str| ModelError::BadData {
+fn json_to_tensor_data(name: &str, datatype: Datatype, flat: &[Leaf]) -> Result<TensorData> {
+    let bad = |i: usize, v: Leaf, what: &str| ModelError::BadData {
         input: name.to_owned(),
         reason: format!("value {v} at index {i} is not {what}"),
     };
     fn ints<T: TryFrom<i64>>(
-        flat: &[&Value],
-        bad: &impl Fn(usize, &Value, &str) -> ModelError,
+        flat: &[Leaf],
+        bad: &impl Fn(usize, Leaf, &str) -> ModelError,
         what: &str,
     ) -> Result<Vec<T>> {
         flat.iter()
             .enumerate()
-            .map(|(i, v)| {
+            .map(|(i, &v)| {
                 v.as_i64()
                     .and_then(|x| T::try_from(x).ok())
                     .ok_or_else(|| bad(i, v, what))
@@ -266,7 +545,7 @@ fn json_to_tensor_data(name: &str, datatype: Datatype, flat: &[&Value]) -> Resul
     let floats = |what: &str, max: f64| -> Result<Vec<f64>> {
         flat.iter()
             .enumerate()
-            .map(|(i, v)| match v.as_f64() {
+            .map(|(i, &v)| match v.as_f64() {
                 Some(x) if x.abs() <= max => Ok(x),
                 _ => Err(bad(i, v, what)),
             })
@@ -276,9 +555,9 @@ fn json_to_tensor_data(name: &str, datatype: Datatype, flat: &[&Value]) -> Resul
         Datatype::Bool => TensorData::Bool(
             flat.iter()
                 .enumerate()
-                .map(|(i, v)| {
-                    v.as_bool()
-                        .ok_or_else(|| bad(i, v, "a boolean (true or false)"))
+                .map(|(i, &v)| match v {
+                    Leaf::Bool(b) => Ok(b),
+                    _ => Err(bad(i, v, "a boolean (true or false)")),
                 })
                 .collect::<Result<_>>()?,
         ),
@@ -362,7 +641,11 @@ mod tests {
             assert_eq!(t.shape(), &[2]);
             // And back to JSON, unchanged.
             let again = RequestInput::from_tensor(&t);
-            assert_eq!(again.data.as_ref(), v.get("data"), "{dt}");
+            assert_eq!(
+                serde_json::to_value(&again.data).unwrap(),
+                v["data"],
+                "{dt}"
+            );
         }
     }
 
@@ -396,13 +679,40 @@ mod tests {
             .unwrap_err();
         assert!(
             err.to_string()
-                .contains("value \"x\" at index 0 is not a number"),
+                .contains("value (a string) at index 0 is not a number"),
             "{err}"
         );
         let err = input(json!({"name":"a","shape":[1],"datatype":"FP16","data":[1e6]}))
             .decode(DEFAULT_MAX_ELEMENTS)
             .unwrap_err();
         assert!(err.to_string().contains("within the FP16 range"), "{err}");
+    }
+
+    #[test]
+    fn data_is_flattened_while_parsing_and_bounded() {
+        let body = br#"{"inputs":[{"name":"a","shape":[2,1,1],"datatype":"FP32","data":[[[0.5]],[[1.5]]]}]}"#;
+        let r = InferenceRequest::from_json(body).unwrap();
+        assert_eq!(
+            r.inputs[0].data,
+            Some(InputData::Leaves(vec![Leaf::Float(0.5), Leaf::Float(1.5)]))
+        );
+        assert_eq!(
+            r.decode_inputs(DEFAULT_MAX_ELEMENTS).unwrap()[0]
+                .as_f32()
+                .unwrap(),
+            &[0.5, 1.5]
+        );
+        // Two leaves fit a budget of two, not of one; the budget does not outlive the call.
+        assert!(InferenceRequest::from_json_limited(body, 2).is_ok());
+        let err = InferenceRequest::from_json_limited(body, 1).unwrap_err();
+        assert!(err.to_string().contains("limits.max_elements"), "{err}");
+        assert!(InferenceRequest::from_json(body).is_ok());
+        // An object anywhere in `data` is refused as it is read.
+        let err = InferenceRequest::from_json(
+            br#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","data":[[{"x":1}]]}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not an object"), "{err}");
     }
 
     #[test]
@@ -461,6 +771,39 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("invalid type: string"), "{err}");
+    }
+
+    #[test]
+    fn binary_responses_decode_and_lies_about_sizes_are_refused() {
+        let head = br#"{"model_name":"m","outputs":[{"name":"p","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        let mut body = head.to_vec();
+        body.extend_from_slice(&0.25f32.to_le_bytes());
+        body.extend_from_slice(&0.75f32.to_le_bytes());
+        let r = decode_response(&body, Some(head.len())).unwrap();
+        assert_eq!(
+            r.outputs[0].to_tensor().unwrap().as_f32().unwrap(),
+            &[0.25, 0.75]
+        );
+        for (cut, len) in [(4, head.len()), (0, head.len() + 100), (0, head.len() - 1)] {
+            let b = &body[..body.len() - cut];
+            assert!(
+                decode_response(b, Some(len)).is_err(),
+                "cut {cut}, len {len}"
+            );
+        }
+        let mut extra = body.clone();
+        extra.push(0);
+        assert!(decode_response(&extra, Some(head.len())).is_err());
+        // Plain JSON as before.
+        let plain = br#"{"model_name":"m","outputs":[{"name":"p","shape":[1],"datatype":"FP32","data":[0.5]}]}"#;
+        assert_eq!(
+            decode_response(plain, None).unwrap().outputs[0]
+                .to_tensor()
+                .unwrap()
+                .as_f32()
+                .unwrap(),
+            &[0.5]
+        );
     }
 
     #[test]
