@@ -4,8 +4,11 @@
 //! the model is running and nothing else is queued, the request runs at once: a lone request
 //! never pays the queue delay.
 //!
-//! The queue is bounded: a full queue refuses at once (503), it never grows. tract runs only on
-//! the blocking threads, never on the async workers.
+//! The queue is bounded: a full queue refuses at once (503), it never grows. A request whose
+//! deadline passed while it waited is dropped before it runs (its caller has been answered 504
+//! already, or is about to be). tract runs only on the blocking threads, never on the async
+//! workers; a panic there answers the batch's callers `internal` (500), is counted, and leaves
+//! the batcher serving.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,14 +35,20 @@ struct Job {
     inputs: Vec<Tensor>,
     rows: usize,
     enqueued: Instant,
-    reply: oneshot::Sender<Result<Outcome, ModelError>>,
+    /// Past this, running the request is wasted work.
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Result<Outcome, ModelError>, Refused>>,
 }
 
-/// Why a request could not be queued.
+/// Why a request was not run.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refused {
     QueueFull,
     Stopped,
+    /// Its deadline passed before it could run.
+    Expired,
+    /// The engine panicked on the batch it was in.
+    Panicked,
 }
 
 /// The handle to one model's batcher.
@@ -75,24 +84,27 @@ impl Batcher {
         Batcher { tx, max_rows }
     }
 
-    /// Queues validated inputs (in model order) of `rows` rows; waits for the outcome.
+    /// Queues validated inputs (in model order) of `rows` rows, to run before `deadline`;
+    /// waits for the outcome.
     pub async fn submit(
         &self,
         inputs: Vec<Tensor>,
         rows: usize,
+        deadline: Instant,
     ) -> Result<Result<Outcome, ModelError>, Refused> {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             inputs,
             rows,
             enqueued: Instant::now(),
+            deadline,
             reply,
         };
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Refused::QueueFull,
             mpsc::error::TrySendError::Closed(_) => Refused::Stopped,
         })?;
-        rx.await.map_err(|_| Refused::Stopped)
+        rx.await.map_err(|_| Refused::Stopped)?
     }
 
     /// The largest batch this model's calls carry.
@@ -112,6 +124,15 @@ async fn run(
     let mut carried: Option<Job> = None;
     // Batches of this model being computed right now.
     let running = Arc::new(AtomicUsize::new(0));
+    let live = |job: Job| -> Option<Job> {
+        if job.deadline <= Instant::now() {
+            metrics.expired.inc();
+            let _ = job.reply.send(Err(Refused::Expired));
+            None
+        } else {
+            Some(job)
+        }
+    };
     loop {
         let first = match carried.take() {
             Some(job) => job,
@@ -120,12 +141,20 @@ async fn run(
                 None => return,
             },
         };
+        let Some(first) = live(first) else { continue };
         // Then a free worker: while all are busy, requests pile up and the next batch is full.
         // (Taking the permit before there is work would let idle models starve busy ones.)
         let Ok(permit) = workers.clone().acquire_owned().await else {
             return;
         };
-        let deadline = tokio::time::Instant::from_std(first.enqueued + cfg.max_queue_delay);
+        // The first request may have waited for the worker past its deadline.
+        let Some(first) = live(first) else {
+            drop(permit);
+            continue;
+        };
+        let deadline = tokio::time::Instant::from_std(first.enqueued)
+            .checked_add(cfg.max_queue_delay)
+            .unwrap_or_else(tokio::time::Instant::now);
         let mut rows = first.rows;
         let mut jobs = vec![first];
         while rows < max_rows {
@@ -146,6 +175,7 @@ async fn run(
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
             };
             let Some(job) = next else { break };
+            let Some(job) = live(job) else { continue };
             if rows + job.rows > max_rows {
                 carried = Some(job);
                 break;
@@ -155,28 +185,53 @@ async fn run(
         }
         let model = model.clone();
         let metrics = metrics.clone();
-        let running_now = running.clone();
-        running_now.fetch_add(1, Ordering::AcqRel);
+        let running_now = Running::start(running.clone());
         tokio::task::spawn_blocking(move || {
+            let _running = running_now;
+            let _permit = permit;
             let started = Instant::now();
             let (inputs, meta): (Vec<_>, Vec<_>) = jobs
                 .into_iter()
                 .map(|j| (j.inputs, (j.enqueued, j.reply)))
                 .unzip();
-            let results = model.infer_batch(inputs);
+            let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                model.infer_batch(inputs)
+            }));
             let compute = started.elapsed();
             metrics.observe_batch(model.name(), rows);
+            let Ok(results) = results else {
+                metrics.panics.inc();
+                tracing::error!(model = %model.name(), rows, "The engine panicked on a batch; its requests are answered 500 and the model keeps serving.");
+                for (_, reply) in meta {
+                    let _ = reply.send(Err(Refused::Panicked));
+                }
+                return;
+            };
             for (result, (enqueued, reply)) in results.into_iter().zip(meta) {
                 let queue = started.saturating_duration_since(enqueued);
-                let _ = reply.send(result.map(|outputs| Outcome {
+                let _ = reply.send(Ok(result.map(|outputs| Outcome {
                     outputs,
                     queue,
                     compute,
                     batch_rows: rows,
-                }));
+                })));
             }
-            running_now.fetch_sub(1, Ordering::AcqRel);
-            drop(permit);
         });
+    }
+}
+
+/// One batch counted as running until dropped, whatever happens to it.
+struct Running(Arc<AtomicUsize>);
+
+impl Running {
+    fn start(count: Arc<AtomicUsize>) -> Running {
+        count.fetch_add(1, Ordering::AcqRel);
+        Running(count)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -7,7 +7,7 @@ use models::{Datatype, ModelError, Tensor, TensorData};
 use serde_json::{Value, json};
 
 /// The HTTP header naming the JSON part's length.
-pub const HEADER: &str = "inference-header-content-length";
+pub const HEADER: &str = models::v2::BINARY_HEADER;
 
 /// Parses a request body: all JSON, or a JSON header of `json_len` bytes followed by binary
 /// tensors. Returns the request and its inputs decoded (in request order).
@@ -16,9 +16,12 @@ pub fn parse_request(
     json_len: Option<usize>,
     max_elements: usize,
 ) -> Result<(InferenceRequest, Vec<Tensor>), ModelError> {
+    let max_leaves = max_elements.saturating_mul(models::v2::MAX_INPUTS);
     let Some(json_len) = json_len else {
-        let request = InferenceRequest::from_json(body)?;
+        let mut request = InferenceRequest::from_json_limited(body, max_leaves)?;
         let inputs = request.decode_inputs(max_elements)?;
+        // The parsed values are in the tensors now: free them before the request waits.
+        request.drop_data();
         return Ok((request, inputs));
     };
     if json_len > body.len() {
@@ -28,7 +31,7 @@ pub fn parse_request(
         )));
     }
     let (head, mut rest) = body.split_at(json_len);
-    let request = InferenceRequest::from_json(head)?;
+    let mut request = InferenceRequest::from_json_limited(head, max_leaves)?;
     let mut inputs = Vec::with_capacity(request.inputs.len());
     for input in &request.inputs {
         let size = input
@@ -76,6 +79,7 @@ pub fn parse_request(
             rest.len()
         )));
     }
+    request.drop_data();
     Ok((request, inputs))
 }
 

@@ -37,8 +37,17 @@ pub struct RawLimits {
     pub max_body_bytes: usize,
     /// Largest input tensor, in elements.
     pub max_elements: usize,
-    /// Per-request deadline, queue and compute together, in milliseconds (504 beyond).
+    /// Per-request deadline, from the end of the headers through reading the body, the queue
+    /// and compute, in milliseconds (408 while the body is still arriving, 504 after).
     pub request_timeout_ms: u64,
+    /// A client must send a request's headers within this many milliseconds of the connection
+    /// opening or of its previous response (slow clients are closed).
+    pub header_timeout_ms: u64,
+    /// Open connections at most; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Request bodies being parsed at once, in bytes: a large body waits its turn rather than
+    /// adding its parse to everyone else's memory.
+    pub max_parse_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +128,9 @@ impl Default for RawLimits {
             max_body_bytes: 64 << 20,
             max_elements: models::v2::DEFAULT_MAX_ELEMENTS,
             request_timeout_ms: 10_000,
+            header_timeout_ms: 10_000,
+            max_connections: 1024,
+            max_parse_bytes: 128 << 20,
         }
     }
 }
@@ -154,6 +166,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub max_elements: usize,
     pub request_timeout: Duration,
+    pub header_timeout: Duration,
+    pub max_connections: usize,
+    pub max_parse_bytes: usize,
     pub batching: BatchConfig,
     pub models: BTreeMap<String, ModelConfig>,
     pub tokens: Vec<Token>,
@@ -234,8 +249,20 @@ impl RawConfig {
         if self.limits.max_elements == 0 {
             errors.push("limits.max_elements must be positive".into());
         }
-        if self.limits.request_timeout_ms == 0 {
-            errors.push("limits.request_timeout_ms must be positive".into());
+        if !(1..=3_600_000).contains(&self.limits.request_timeout_ms) {
+            errors.push("limits.request_timeout_ms must be from 1 to 3600000 (an hour)".into());
+        }
+        if !(1..=600_000).contains(&self.limits.header_timeout_ms) {
+            errors.push("limits.header_timeout_ms must be from 1 to 600000 (ten minutes)".into());
+        }
+        if !(1..=1_000_000).contains(&self.limits.max_connections) {
+            errors.push("limits.max_connections must be from 1 to 1000000".into());
+        }
+        if self.limits.max_parse_bytes < self.limits.max_body_bytes {
+            errors.push(format!(
+                "limits.max_parse_bytes ({}) must be at least limits.max_body_bytes ({}), or the largest body could never be parsed",
+                self.limits.max_parse_bytes, self.limits.max_body_bytes
+            ));
         }
         let batching = check_batching("batching", &self.batching, &mut errors);
         let mut models = BTreeMap::new();
@@ -319,6 +346,9 @@ impl RawConfig {
                 max_body_bytes: self.limits.max_body_bytes,
                 max_elements: self.limits.max_elements,
                 request_timeout: Duration::from_millis(self.limits.request_timeout_ms),
+                header_timeout: Duration::from_millis(self.limits.header_timeout_ms),
+                max_connections: self.limits.max_connections,
+                max_parse_bytes: self.limits.max_parse_bytes,
                 batching,
                 models,
                 tokens: self

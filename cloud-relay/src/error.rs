@@ -39,6 +39,7 @@ impl ApiError {
             401 => "unauthorized",
             403 => "forbidden",
             404 => "not_found",
+            408 => "body_timeout",
             413 => "too_large",
             429 => "rate_limited",
             503 => "unavailable",

@@ -45,6 +45,8 @@ pub struct Inner {
     pub upstream: upstream::Upstreams,
     pub auth: Auth,
     pub metrics: Arc<Metrics>,
+    /// Kibibytes of request bodies that may be parsed at once (`limits.max_parse_bytes`).
+    pub parse_kib: Semaphore,
 }
 
 /// Why the relay could not start.
@@ -94,7 +96,9 @@ impl State {
             config.rate_limit_rps,
             config.rate_limit_burst,
         );
+        let parse_kib = Semaphore::new(config.max_parse_bytes.div_ceil(1024));
         Ok(State(Arc::new(Inner {
+            parse_kib,
             config,
             engine,
             batchers,
@@ -106,12 +110,19 @@ impl State {
 }
 
 /// Serves until `shutdown` completes, then drains requests in flight within the grace period.
+///
+/// HTTP/1 with hyper's own connection loop rather than `axum::serve`, which sets neither a
+/// header deadline nor a connection limit: a client must send its headers within
+/// `limits.header_timeout_ms` (a slowloris is closed), at most `limits.max_connections` are open
+/// at once (more wait in the listen backlog), and the rest of a request's time is bounded in the
+/// routes (`limits.request_timeout_ms`, reading the body included).
 pub async fn serve(
     state: State,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RelayError> {
-    let grace = state.0.config.shutdown_grace;
+    let config = &state.0.config;
+    let grace = config.shutdown_grace;
     if !state.0.auth.enabled() {
         tracing::warn!(
             "No device tokens are configured: this relay serves anyone who can reach it. Add [[auth.tokens]] to relay.toml."
@@ -119,24 +130,58 @@ pub async fn serve(
     }
     let addr = listener.local_addr().map_err(RelayError::Serve)?;
     tracing::info!(%addr, models = %state.0.engine.models().map(|m| m.name()).collect::<Vec<_>>().join(", "), "Relay serving.");
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!(
-            grace_ms = grace.as_millis(),
-            "Shutting down: draining requests in flight."
-        );
-        let _ = drained_tx.send(());
-    });
-    let mut server = std::pin::pin!(server.into_future());
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(config.header_timeout)
+        .keep_alive(true);
+    let router = app(state.clone());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            p = connections.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait for connections to close.
+                    tracing::warn!(error = %e, "Cannot accept a connection; retrying shortly.");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        let metrics = state.0.metrics.clone();
+        tokio::spawn(async move {
+            metrics.connections.inc();
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "A connection ended with an error.");
+            }
+            metrics.connections.dec();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!(
+        grace_ms = grace.as_millis(),
+        "Shutting down: draining requests in flight."
+    );
     tokio::select! {
-        result = &mut server => result.map_err(RelayError::Serve),
-        () = async {
-            let _ = drained_rx.await;
-            tokio::time::sleep(grace).await;
-        } => {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(grace) => {
             tracing::warn!("Grace period over with requests still in flight; stopping anyway.");
-            Ok(())
         }
     }
+    Ok(())
 }

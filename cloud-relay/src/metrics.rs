@@ -4,6 +4,7 @@
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -28,6 +29,12 @@ pub struct Metrics {
     queue: Histograms,
     compute: Histograms,
     batch: Histograms,
+    /// Open client connections.
+    pub connections: Gauge,
+    /// Batches whose engine call panicked (their callers were answered 500).
+    pub panics: Counter,
+    /// Requests dropped from a queue because their deadline passed before they ran.
+    pub expired: Counter,
 }
 
 impl Default for Metrics {
@@ -38,6 +45,24 @@ impl Default for Metrics {
         let queue: Histograms = Family::new_with_constructor(latency_histogram);
         let compute: Histograms = Family::new_with_constructor(latency_histogram);
         let batch: Histograms = Family::new_with_constructor(batch_histogram);
+        let connections = Gauge::default();
+        let panics = Counter::default();
+        let expired = Counter::default();
+        registry.register(
+            "connections",
+            "Open client connections",
+            connections.clone(),
+        );
+        registry.register(
+            "batch_panics",
+            "Batches whose engine call panicked; their requests were answered 500",
+            panics.clone(),
+        );
+        registry.register(
+            "expired",
+            "Requests dropped from a queue because their deadline passed before they ran",
+            expired.clone(),
+        );
         registry.register(
             "requests",
             "Inference requests by model and outcome code",
@@ -70,6 +95,9 @@ impl Default for Metrics {
             queue,
             compute,
             batch,
+            connections,
+            panics,
+            expired,
         }
     }
 }

@@ -25,7 +25,11 @@ use crate::error::ApiError;
 pub fn app(state: State) -> Router {
     Router::new()
         .route("/v2", get(server_metadata))
-        .route("/v2/health/live", get(|| async { StatusCode::OK }))
+        .route("/v2/", get(server_metadata))
+        .route(
+            "/v2/health/live",
+            get(|| async { axum::Json(json!({"live": true})) }),
+        )
         .route("/v2/health/ready", get(server_ready))
         .route("/v2/models/{name}", get(model_metadata))
         .route(
@@ -54,6 +58,16 @@ pub fn app(state: State) -> Router {
         .with_state(state)
 }
 
+fn timed_out(name: &str, state: &State) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "model `{name}` did not answer within this request's deadline ({} ms at most: limits.request_timeout_ms, or the caller's {BUDGET_HEADER})",
+            state.0.config.request_timeout.as_millis()
+        ),
+    )
+}
+
 async fn server_metadata() -> Response {
     axum::Json(json!({
         "name": "tether-relay",
@@ -63,12 +77,16 @@ async fn server_metadata() -> Response {
     .into_response()
 }
 
-async fn server_ready(AxState(state): AxState<State>) -> StatusCode {
-    if state.0.engine.models().next().is_some() || state.0.upstream.models().next().is_some() {
+/// `{"ready": true}` (200) once a model is served, as the protocol's health API defines it.
+async fn server_ready(AxState(state): AxState<State>) -> Response {
+    let ready =
+        state.0.engine.models().next().is_some() || state.0.upstream.models().next().is_some();
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
-    }
+    };
+    (status, axum::Json(json!({ "ready": ready }))).into_response()
 }
 
 /// Authenticates (when tokens are configured) and checks the device may use `model`.
@@ -203,12 +221,13 @@ async fn ready(
     name: &str,
     version: Option<&str>,
     headers: &HeaderMap,
-) -> Result<StatusCode, ApiError> {
+) -> Result<axum::Json<Value>, ApiError> {
     authorize(state, headers, name)?;
     check_version(state, name, version)?;
+    let ready = axum::Json(json!({"name": name, "ready": true}));
     if let Some(up) = state.0.upstream.get(name) {
         return if state.0.upstream.ready(up, name).await {
-            Ok(StatusCode::OK)
+            Ok(ready)
         } else {
             Err(ApiError::unavailable(format!(
                 "the upstream server of model `{name}` is not ready"
@@ -216,7 +235,7 @@ async fn ready(
         };
     }
     if state.0.batchers.contains_key(name) {
-        Ok(StatusCode::OK)
+        Ok(ready)
     } else {
         Err(unknown_model(state, name))
     }
@@ -248,7 +267,12 @@ async fn infer_any(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let result = infer_inner(&state, &name, version.as_deref(), &headers, body).await;
+    let result = match deadline(&state, &headers, started) {
+        Ok(deadline) => {
+            infer_inner(&state, &name, version.as_deref(), &headers, body, deadline).await
+        }
+        Err(e) => Err(e),
+    };
     // Count under the model's name only when it exists, so a scan of names cannot blow up the
     // metrics' label space.
     let label = if state.0.batchers.contains_key(&name) || state.0.upstream.get(&name).is_some() {
@@ -270,12 +294,36 @@ async fn infer_any(
     }
 }
 
+/// The header in which a caller (the agent) says how long it can still wait, in milliseconds.
+pub const BUDGET_HEADER: &str = "tether-budget-ms";
+
+/// When this request must be answered: the relay's `limits.request_timeout_ms` from its start,
+/// or sooner when the caller's budget header says so.
+fn deadline(state: &State, headers: &HeaderMap, started: Instant) -> Result<Instant, ApiError> {
+    let mut allowed = state.0.config.request_timeout;
+    if let Some(v) = headers.get(BUDGET_HEADER) {
+        let ms = v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .filter(|ms| *ms > 0)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "{BUDGET_HEADER} must be a whole number of milliseconds above 0"
+                ))
+            })?;
+        allowed = allowed.min(std::time::Duration::from_millis(ms));
+    }
+    Ok(started.checked_add(allowed).unwrap_or(started))
+}
+
 async fn infer_inner(
     state: &State,
     name: &str,
     version: Option<&str>,
     headers: &HeaderMap,
     body: Body,
+    deadline: Instant,
 ) -> Result<Response, ApiError> {
     let device = authorize(state, headers, name)?;
     if let Some(d) = &device {
@@ -283,12 +331,35 @@ async fn infer_inner(
     }
     check_version(state, name, version)?;
     let limit = state.0.config.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+    let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the request body is over this relay's limit of {limit} bytes (limits.max_body_bytes)"),
+            format!(
+                "the request body is over this relay's limit of {limit} bytes (limits.max_body_bytes)"
+            ),
         )
-    })?;
+    };
+    // Refused on the header alone, before a byte of the body is read.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| usize::try_from(n).map_or(true, |n| n > limit)) {
+        return Err(too_large());
+    }
+    let deadline_at = tokio::time::Instant::from_std(deadline);
+    let bytes = tokio::time::timeout_at(deadline_at, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} ms (limits.request_timeout_ms)",
+                    state.0.config.request_timeout.as_millis()
+                ),
+            )
+        })?
+        .map_err(|_| too_large())?;
     let header_length = headers
         .get(binary::HEADER)
         .and_then(|v| v.to_str().ok())
@@ -301,7 +372,7 @@ async fn infer_inner(
         })?),
         None => None,
     };
-    let timeout = state.0.config.request_timeout;
+    let timeout = deadline.saturating_duration_since(Instant::now());
 
     if let Some(up) = state.0.upstream.get(name) {
         let fwd = state
@@ -337,7 +408,19 @@ async fn infer_inner(
         .batchers
         .get(name)
         .ok_or_else(|| unknown_model(state, name))?;
-    let (request, inputs) = binary::parse_request(&bytes, json_len, state.0.config.max_elements)?;
+    // Parsing costs memory in proportion to the body: bodies being parsed at once are bounded
+    // in bytes (limits.max_parse_bytes), so a burst of large bodies takes turns.
+    let kib = u32::try_from(bytes.len().div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let permit = tokio::time::timeout_at(deadline_at, state.0.parse_kib.acquire_many(kib))
+        .await
+        .map_err(|_| timed_out(name, state))?
+        .map_err(|_| {
+            ApiError::unavailable("the relay is shutting down; retry on another instance")
+        })?;
+    let parsed = binary::parse_request(&bytes, json_len, state.0.config.max_elements);
+    drop(permit);
+    drop(bytes);
+    let (request, inputs) = parsed?;
     if let Some(wanted) = &request.outputs
         && let Some(missing) = wanted
             .iter()
@@ -349,17 +432,9 @@ async fn infer_inner(
         )));
     }
     let (ordered, rows) = model.validate(inputs)?;
-    let outcome = tokio::time::timeout(timeout, batcher.submit(ordered, rows))
+    let outcome = tokio::time::timeout_at(deadline_at, batcher.submit(ordered, rows, deadline))
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "model `{name}` did not answer within {} ms (limits.request_timeout_ms)",
-                    timeout.as_millis()
-                ),
-            )
-        })?
+        .map_err(|_| timed_out(name, state))?
         .map_err(|refused| match refused {
             Refused::QueueFull => ApiError::unavailable(format!(
                 "model `{name}` has a full queue; retry later (batching.queue bounds it)"
@@ -367,6 +442,11 @@ async fn infer_inner(
             Refused::Stopped => {
                 ApiError::unavailable("the relay is shutting down; retry on another instance")
             }
+            Refused::Expired => timed_out(name, state),
+            Refused::Panicked => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("model `{name}` failed on this request's batch (an internal error, logged); retry"),
+            ),
         })?
         .map_err(ApiError::from)?;
     state

@@ -66,8 +66,24 @@ fn error_of(v: &Value) -> &str {
 #[tokio::test]
 async fn health_and_server_metadata() {
     let state = state_with(|_| {});
-    assert_eq!(get(&state, "/v2/health/live").await.0, StatusCode::OK);
-    assert_eq!(get(&state, "/v2/health/ready").await.0, StatusCode::OK);
+    // The protocol's health bodies, which the kserve SDK's clients read.
+    let (s, body) = get(&state, "/v2/health/live").await;
+    assert_eq!(
+        (s, serde_json::from_slice::<Value>(&body).unwrap()),
+        (StatusCode::OK, json!({"live": true}))
+    );
+    let (s, body) = get(&state, "/v2/health/ready").await;
+    assert_eq!(
+        (s, serde_json::from_slice::<Value>(&body).unwrap()),
+        (StatusCode::OK, json!({"ready": true}))
+    );
+    let (s, body) = get(&state, "/v2/models/digits/ready").await;
+    assert_eq!(
+        (s, serde_json::from_slice::<Value>(&body).unwrap()),
+        (StatusCode::OK, json!({"name": "digits", "ready": true}))
+    );
+    // `GET /v2/` as the protocol's text writes it, and `/v2`.
+    assert_eq!(get(&state, "/v2/").await.0, StatusCode::OK);
     let (s, body) = get(&state, "/v2").await;
     assert_eq!(s, StatusCode::OK);
     let v: Value = serde_json::from_slice(&body).unwrap();
@@ -293,7 +309,7 @@ async fn a_timeout_answers_504() {
     .unwrap();
     let (s, v) = post_json(&state, "/v2/models/ocr_det/infer", body).await;
     assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{v}");
-    assert!(error_of(&v).contains("did not answer within 1 ms"));
+    assert!(error_of(&v).contains("did not answer within this request's deadline (1 ms"));
 }
 
 #[tokio::test]
