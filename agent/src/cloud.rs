@@ -10,6 +10,10 @@ use bytes::Bytes;
 use models::v2::InferenceResponse;
 
 use crate::config::RelayConfig;
+
+/// The header carrying the request's remaining budget to the relay, in milliseconds (the
+/// relay's `tether-budget-ms`).
+pub const BUDGET_HEADER: &str = "tether-budget-ms";
 use crate::policy::{Breaker, BreakerState, Relay};
 
 /// Why an offload did not return an answer.
@@ -21,10 +25,14 @@ pub enum CloudError {
     Timeout(u64),
     #[error("the relay could not be reached: {0}")]
     Unreachable(String),
-    /// The relay refused the request itself (4xx other than auth and rate limits): the
-    /// sender's to fix, and no sign the relay is unwell.
+    /// The relay refused the request itself (a 4xx for its input): the sender's to fix, and
+    /// no sign the relay is unwell.
     #[error("the relay refused the request ({status}): {message}")]
     Refused { status: u16, message: String },
+    /// The relay turned this device away (401, 403, 429): worth running locally instead, but no
+    /// sign the relay is unwell either.
+    #[error("the relay declined the request ({status}): {message}")]
+    Declined { status: u16, message: String },
     #[error("the relay failed ({status}): {message}")]
     Failed { status: u16, message: String },
     #[error("the relay's answer is not a V2 response: {0}")]
@@ -112,7 +120,13 @@ impl Cloud {
         }
         let started = Instant::now();
         let result = self.call(model, body, timeout).await;
-        let healthy = matches!(result, Ok(_) | Err(CloudError::Refused { .. }));
+        // Only a transport failure or a server error says the relay is unwell; an answer the
+        // relay gave on purpose (4xx) or one this agent cannot read does not open the circuit
+        // for every requester of the device.
+        let healthy = !matches!(
+            result,
+            Err(CloudError::Unreachable(_) | CloudError::Timeout(_) | CloudError::Failed { .. })
+        );
         lock(&self.inner.breaker).record(healthy, Instant::now());
         if result.is_ok() {
             let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -138,52 +152,64 @@ impl Cloud {
             .map_err(|()| CloudError::Unreachable("the relay URL cannot take a path".into()))?
             .pop_if_empty()
             .extend(["v2", "models", model, "infer"]);
+        let budget_ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let mut req = self
             .inner
             .http
             .post(url)
             .timeout(timeout)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
+            // The relay drops the request once this passes instead of computing it for nobody.
+            .header(BUDGET_HEADER, budget_ms)
             .body(body);
         if let Some(token) = &self.inner.token {
             req = req.bearer_auth(token);
         }
-        let resp = req.send().await.map_err(|e| {
+        let transport = |e: reqwest::Error| {
             if e.is_timeout() {
-                CloudError::Timeout(timeout.as_millis() as u64)
+                CloudError::Timeout(budget_ms)
             } else {
                 CloudError::Unreachable(e.to_string())
             }
-        })?;
+        };
+        let resp = req.send().await.map_err(transport)?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| {
-            if e.is_timeout() {
-                CloudError::Timeout(timeout.as_millis() as u64)
-            } else {
-                CloudError::Unreachable(e.to_string())
-            }
-        })?;
+        let json_len = resp
+            .headers()
+            .get(models::v2::BINARY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().parse::<usize>());
+        let bytes = resp.bytes().await.map_err(transport)?;
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(200).collect());
             let code = status.as_u16();
-            return Err(
-                if status.is_client_error() && !matches!(code, 401 | 403 | 408 | 429) {
-                    CloudError::Refused {
-                        status: code,
-                        message,
-                    }
-                } else {
-                    CloudError::Failed {
-                        status: code,
-                        message,
-                    }
-                },
-            );
+            return Err(if matches!(code, 401 | 403 | 429) {
+                CloudError::Declined {
+                    status: code,
+                    message,
+                }
+            } else if status.is_client_error() && code != 408 {
+                CloudError::Refused {
+                    status: code,
+                    message,
+                }
+            } else {
+                CloudError::Failed {
+                    status: code,
+                    message,
+                }
+            });
         }
-        serde_json::from_slice(&bytes).map_err(|e| CloudError::BadAnswer(e.to_string()))
+        let json_len = json_len.transpose().map_err(|_| {
+            CloudError::BadAnswer("its Inference-Header-Content-Length is not a byte count".into())
+        })?;
+        models::v2::decode_response(&bytes, json_len)
+            .map_err(|e| CloudError::BadAnswer(e.to_string()))
     }
 }
 
