@@ -246,6 +246,7 @@ pub async fn run(
     // first request is taken.
     let (status_refresh_tx, status_refresh_rx) = watch::channel(0u64);
     let (telemetry_tx, telemetry_rx) = watch::channel(config.fleet.telemetry_interval);
+    let stop_drivers = CancellationToken::new();
     let fleet = start_fleet(
         &config,
         &engine_config,
@@ -254,9 +255,9 @@ pub async fn run(
         &routing,
         &telemetry_tx,
         &status_refresh_tx,
+        &stop_drivers,
     )
     .await?;
-    let stop_drivers = CancellationToken::new();
     let mut drivers: Vec<JoinHandle<()>> = Vec::new();
     let intake = pipeline.intake();
     // The device's own connection: requests, the outbox, the status.
@@ -447,6 +448,10 @@ fn start_embedded_broker(
 
 /// The fleet's side, when keys are configured: restored from the database before the first
 /// request.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the wiring of one task: each argument is a different piece of the agent"
+)]
 async fn start_fleet(
     config: &Config,
     engine_config: &EngineConfig,
@@ -455,6 +460,7 @@ async fn start_fleet(
     routing: &pipeline::Routing,
     telemetry_tx: &watch::Sender<Duration>,
     status_refresh_tx: &watch::Sender<u64>,
+    stop: &CancellationToken,
 ) -> Result<Option<Box<fleet::Fleet>>, AgentError> {
     if config.fleet.keys.is_empty() {
         if !config.fleet.groups.is_empty() {
@@ -470,8 +476,13 @@ async fn start_fleet(
         .and_then(|r| r.token.clone().map(|t| (r.url.clone(), t)));
     let fetcher = fleet::download::Fetcher::new(
         config.fleet.models_dir.clone(),
-        config.fleet.reserve_bytes,
+        fleet::download::FetchLimits {
+            reserve_bytes: config.fleet.reserve_bytes,
+            allow_http: config.fleet.allow_http,
+            timeout: config.fleet.download_timeout,
+        },
         relay,
+        stop.clone(),
     )
     .map_err(AgentError::Fleet)?;
     let mut f = Box::new(fleet::Fleet::new(fleet::FleetContext {

@@ -35,7 +35,10 @@ impl Operator {
         }
     }
 
-    fn sign(&self, doc: &Value) -> Vec<u8> {
+    /// `doc` signed for `target` (`group/NAME` or `device/ID`).
+    fn sign(&self, target: &str, doc: &Value) -> Vec<u8> {
+        let mut doc = doc.clone();
+        doc["target"] = json!(target);
         serde_json::to_vec(&self.key.sign(doc.to_string())).unwrap()
     }
 
@@ -130,6 +133,8 @@ fn fleet_agent(
         raw.fleet.models_dir = Some(models_dir);
         raw.fleet.health_window_secs = 2;
         raw.fleet.health_requests = 5;
+        // The test relay serves artifacts over plain http.
+        raw.fleet.allow_http = true;
         tweak(raw);
     }
 }
@@ -154,8 +159,11 @@ async fn groups_and_device_documents_apply_and_every_rejection_keeps_the_running
     publish(
         addr,
         "tether/fleet/lab/config",
-        op.sign(&json!({"version": 1, "policy": {"default_budget_ms": 300},
-                        "store": {"cache": {"ttl_secs": 30}}})),
+        op.sign(
+            "group/lab",
+            &json!({"version": 1, "policy": {"default_budget_ms": 300},
+                        "store": {"cache": {"ttl_secs": 30}}}),
+        ),
     )
     .await;
     let s = statuses.next().await;
@@ -172,7 +180,10 @@ async fn groups_and_device_documents_apply_and_every_rejection_keeps_the_running
     publish(
         addr,
         "tether/fleet-1/config",
-        op.sign(&json!({"version": 2, "policy": {"default_budget_ms": 500}})),
+        op.sign(
+            "device/fleet-1",
+            &json!({"version": 2, "policy": {"default_budget_ms": 500}}),
+        ),
     )
     .await;
     let s = statuses.next().await;
@@ -188,8 +199,11 @@ async fn groups_and_device_documents_apply_and_every_rejection_keeps_the_running
     let digits_fp32 = artifact(relay, "digits", Variant::Source, "2");
     let mut wrong_sha = digits_fp32.clone();
     wrong_sha["sha256"] = json!("ab".repeat(32));
-    let mut tampered: Value =
-        serde_json::from_slice(&op.sign(&json!({"version": 9, "log_level": "debug"}))).unwrap();
+    let mut tampered: Value = serde_json::from_slice(&op.sign(
+        "device/fleet-1",
+        &json!({"version": 9, "log_level": "debug"}),
+    ))
+    .unwrap();
     tampered["payload"] = json!(
         tampered["payload"]
             .as_str()
@@ -200,7 +214,10 @@ async fn groups_and_device_documents_apply_and_every_rejection_keeps_the_running
         ("bad_signature", serde_json::to_vec(&tampered).unwrap()),
         (
             "unknown_key",
-            stranger.sign(&json!({"version": 10, "policy": {"default_budget_ms": 9}})),
+            stranger.sign(
+                "device/fleet-1",
+                &json!({"version": 10, "policy": {"default_budget_ms": 9}}),
+            ),
         ),
         (
             "not_signed",
@@ -210,24 +227,49 @@ async fn groups_and_device_documents_apply_and_every_rejection_keeps_the_running
         ),
         (
             "stale_version",
-            op.sign(&json!({"version": 2, "policy": {"default_budget_ms": 9}})),
+            op.sign(
+                "device/fleet-1",
+                &json!({"version": 2, "policy": {"default_budget_ms": 9}}),
+            ),
+        ),
+        (
+            // A group's document replayed on the device's topic, and another device's.
+            "wrong_target",
+            op.sign(
+                "group/lab",
+                &json!({"version": 50, "policy": {"default_budget_ms": 9}}),
+            ),
+        ),
+        (
+            "wrong_target",
+            op.sign(
+                "device/fleet-2",
+                &json!({"version": 51, "policy": {"default_budget_ms": 9}}),
+            ),
         ),
         (
             "invalid",
-            op.sign(&json!({"version": 12, "policy": {"headroom": 3.0, "default_budget_ms": 9}})),
+            op.sign(
+                "device/fleet-1",
+                &json!({"version": 12, "policy": {"headroom": 3.0, "default_budget_ms": 9}}),
+            ),
         ),
         (
             "download_failed",
             op.sign(
+                "device/fleet-1",
                 &json!({"version": 13, "policy": {"default_budget_ms": 9}, "models": {"digits": {
-                "version": "2", "sha256": "cd".repeat(32),
+                "version": "2", "sha256": "cd".repeat(32), "bytes": 1000,
                 "url": "http://127.0.0.1:9/digits.onnx"}}}),
             ),
         ),
         (
             "checksum_mismatch",
-            op.sign(&json!({"version": 14, "policy": {"default_budget_ms": 9},
-                            "models": {"digits": wrong_sha}})),
+            op.sign(
+                "device/fleet-1",
+                &json!({"version": 14, "policy": {"default_budget_ms": 9},
+                            "models": {"digits": wrong_sha}}),
+            ),
         ),
     ];
     for (code, payload) in cases {
@@ -261,7 +303,7 @@ async fn a_signed_rollback_replaces_the_version_it_names_and_cannot_be_replayed(
     let mut r = Requester::connect(addr, "fleet-rb").await;
     let topic = "tether/fleet-rb/config";
     let mut push = async |doc: Value| {
-        publish(addr, topic, op.sign(&doc)).await;
+        publish(addr, topic, op.sign("device/fleet-rb", &doc)).await;
         statuses.next().await
     };
     let s = push(json!({"version": 1, "policy": {"default_budget_ms": 111}})).await;
@@ -306,7 +348,7 @@ async fn a_download_that_would_fill_the_disk_is_refused() {
     publish(
         addr,
         "tether/fleet-full/config",
-        op.sign(&json!({"version": 1, "models": {"digits": artifact(relay, "digits", Variant::Source, "2")}})),
+        op.sign("device/fleet-full", &json!({"version": 1, "models": {"digits": artifact(relay, "digits", Variant::Source, "2")}})),
     )
     .await;
     let s = statuses.next().await;
@@ -376,7 +418,7 @@ async fn a_model_update_hot_swaps_under_load_and_a_bad_model_rolls_back() {
     publish(
         addr,
         "tether/fleet-swap/config",
-        op.sign(&json!({"version": 1, "models": {"digits": artifact(relay, "digits", Variant::Source, "2")}})),
+        op.sign("device/fleet-swap", &json!({"version": 1, "models": {"digits": artifact(relay, "digits", Variant::Source, "2")}})),
     )
     .await;
     let replies = r.collect(total, Duration::from_secs(60)).await;
@@ -408,12 +450,14 @@ async fn a_model_update_hot_swaps_under_load_and_a_bad_model_rolls_back() {
 
     // A "digits" update whose file is the vibration model: it loads (same input name and
     // type) but every request fails on it, so the health check rolls it back.
-    let mut bad = artifact(relay, "vibration", Variant::Device, "3");
-    bad["bytes"] = Value::Null;
+    let bad = artifact(relay, "vibration", Variant::Device, "3");
     publish(
         addr,
         "tether/fleet-swap/config",
-        op.sign(&json!({"version": 2, "models": {"digits": bad}})),
+        op.sign(
+            "device/fleet-swap",
+            &json!({"version": 2, "models": {"digits": bad}}),
+        ),
     )
     .await;
     let s = statuses.next().await;
@@ -422,6 +466,17 @@ async fn a_model_update_hot_swaps_under_load_and_a_bad_model_rolls_back() {
         (Some("applied"), Some(2)),
         "{s}"
     );
+    // Junk on the configuration topic while the health check runs (anyone with publish
+    // rights can send it): refused, and it neither cuts the check short nor changes the
+    // retained status.
+    publish(
+        addr,
+        "tether/fleet-swap/config",
+        b"{\"not\": \"a signed document\"}".to_vec(),
+    )
+    .await;
+    let s = statuses.next().await;
+    assert_eq!(s["code"], "not_signed", "{s}");
     let uncached = common::golden_with("digits", json!({"cache": false}));
     let mut failed = 0;
     for i in 0..5 {
@@ -462,7 +517,7 @@ async fn a_model_update_hot_swaps_under_load_and_a_bad_model_rolls_back() {
     publish(
         addr,
         "tether/fleet-swap/config",
-        op.sign(&json!({"version": 3, "models": {"digits": artifact(relay, "vad", Variant::Device, "4")}})),
+        op.sign("device/fleet-swap", &json!({"version": 3, "models": {"digits": artifact(relay, "vad", Variant::Device, "4")}})),
     )
     .await;
     let s = statuses.next().await;
@@ -502,8 +557,11 @@ async fn a_restart_without_a_broker_comes_back_on_the_persisted_configuration() 
     publish(
         addr,
         "tether/fleet-persist/config",
-        op.sign(&json!({"version": 3, "policy": {"default_budget_ms": 777},
-                        "models": {"digits": artifact(relay, "digits", Variant::Source, "2")}})),
+        op.sign(
+            "device/fleet-persist",
+            &json!({"version": 3, "policy": {"default_budget_ms": 777},
+                        "models": {"digits": artifact(relay, "digits", Variant::Source, "2")}}),
+        ),
     )
     .await;
     assert_eq!(statuses.next().await["state"], "applied");
@@ -526,6 +584,7 @@ async fn a_restart_without_a_broker_comes_back_on_the_persisted_configuration() 
     raw.mqtt.broker = "mqtt://127.0.0.1:9".into();
     op.trust(&mut raw);
     raw.fleet.models_dir = Some(dir);
+    raw.fleet.allow_http = true;
     let config = raw.validate(|| None).unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();

@@ -690,7 +690,10 @@ async fn a_signed_document_retained_in_mosquitto_applies_at_connect_in_v311() {
     let key =
         agent::fleet::envelope::SigningKey::load(&keys.join("ops.key"), "ops".into()).unwrap();
     let envelope = serde_json::to_vec(
-        &key.sign(json!({"version": 4, "policy": {"default_budget_ms": 432}}).to_string()),
+        &key.sign(
+            json!({"target": "device/mosq-fleet", "version": 4, "policy": {"default_budget_ms": 432}})
+                .to_string(),
+        ),
     )
     .unwrap();
     // Published (retained) before the agent exists: it gets it when it subscribes.

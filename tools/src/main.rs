@@ -42,8 +42,13 @@ enum FleetAction {
         #[arg(long)]
         force: bool,
     },
-    /// Sign a document (a JSON object with a `version`): prints the envelope to push.
+    /// Sign a document (a JSON object with a `version`) for one target: prints the envelope to
+    /// push. A device applies a document only from the topic it was signed for.
     Sign {
+        /// `group/NAME` or `device/ID`: where the document may be applied (written into it as
+        /// `target`; optional when the document names it already).
+        #[arg(long)]
+        target: Option<String>,
         /// The private key file from `fleet keygen` (or `openssl genpkey -algorithm ed25519`).
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
@@ -476,15 +481,18 @@ fn broker_addr(broker: &str) -> anyhow::Result<std::net::SocketAddr> {
 fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
     use agent::fleet::{doc::Document, envelope::SigningKey};
     use tools::operator;
-    let sign = |key: &std::path::Path, key_name: Option<String>, text: String| {
-        let name = key_name.unwrap_or_else(|| {
-            key.file_stem()
-                .map_or_else(|| "ops".into(), |s| s.to_string_lossy().into_owned())
-        });
-        Document::parse(&text).map_err(|e| anyhow::anyhow!("the document is not valid: {e}"))?;
-        let key = SigningKey::load(key, name).map_err(anyhow::Error::msg)?;
-        anyhow::Ok(serde_json::to_string_pretty(&key.sign(text))?)
-    };
+    let sign =
+        |key: &std::path::Path, key_name: Option<String>, text: String, target: Option<&str>| {
+            let name = key_name.unwrap_or_else(|| {
+                key.file_stem()
+                    .map_or_else(|| "ops".into(), |s| s.to_string_lossy().into_owned())
+            });
+            let text = operator::with_target(text, target).map_err(anyhow::Error::msg)?;
+            Document::parse(&text)
+                .map_err(|e| anyhow::anyhow!("the document is not valid: {e}"))?;
+            let key = SigningKey::load(key, name).map_err(anyhow::Error::msg)?;
+            anyhow::Ok(serde_json::to_string_pretty(&key.sign(text))?)
+        };
     match action {
         FleetAction::Keygen { name, out, force } => {
             let private = out.join(format!("{name}.key"));
@@ -519,6 +527,7 @@ fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
             print_stdout(&format!("[fleet.keys]\n{name} = \"{hex}\""))
         }
         FleetAction::Sign {
+            target,
             key,
             key_name,
             document,
@@ -530,7 +539,7 @@ fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
                 std::fs::read_to_string(&document)
                     .with_context(|| format!("cannot read {}", document.display()))?
             };
-            let envelope = sign(&key, key_name, text)?;
+            let envelope = sign(&key, key_name, text, target.as_deref())?;
             match out {
                 Some(path) => std::fs::write(&path, envelope + "\n")
                     .with_context(|| format!("cannot write {}", path.display()))?,
@@ -549,13 +558,25 @@ fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
+            let target = match (&group, &device) {
+                (Some(g), _) => format!("group/{g}"),
+                (None, Some(d)) => format!("device/{d}"),
+                (None, None) => bail!("name one of --group or --device"),
+            };
             let payload = match key {
-                Some(k) => sign(&k, None, text)?,
+                Some(k) => sign(&k, None, text, Some(&target))?,
                 None => {
                     let env: agent::fleet::envelope::Envelope = serde_json::from_str(&text)
                         .with_context(|| format!("{} is not a signed envelope; sign it with `tether fleet sign` or pass --key", file.display()))?;
-                    Document::parse(&env.payload)
+                    let doc = Document::parse(&env.payload)
                         .map_err(|e| anyhow::anyhow!("the signed document is not valid: {e}"))?;
+                    if doc.target != target {
+                        bail!(
+                            "{} was signed for `{}`, so devices would refuse it on the topic of `{target}`; sign it again with --target {target}",
+                            file.display(),
+                            doc.target
+                        );
+                    }
                     text
                 }
             };

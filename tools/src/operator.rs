@@ -334,6 +334,29 @@ pub async fn watch(
     Ok(board)
 }
 
+/// The document `text` with its `target` set: added when it names none, refused when it names
+/// another. Leaves the text as written when nothing is added.
+pub fn with_target(text: String, target: Option<&str>) -> Result<String, String> {
+    let mut doc: Value =
+        serde_json::from_str(&text).map_err(|e| format!("the document is not JSON: {e}"))?;
+    let Some(object) = doc.as_object_mut() else {
+        return Err("the document must be a JSON object".into());
+    };
+    match (object.get("target").and_then(Value::as_str), target) {
+        (Some(t), Some(want)) if t != want => Err(format!(
+            "the document names target `{t}`, not `{want}`; remove its `target` or sign it for `{t}`"
+        )),
+        (Some(_), _) => Ok(text),
+        (None, Some(want)) => {
+            object.insert("target".into(), Value::String(want.to_owned()));
+            serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())
+        }
+        (None, None) => Err(
+            "the document names no target: pass --target group/NAME or --target device/ID".into(),
+        ),
+    }
+}
+
 /// The topic a document for `group` or `device` goes to.
 pub fn document_topic(prefix: &str, group: Option<&str>, device: Option<&str>) -> Option<String> {
     match (group, device) {

@@ -65,17 +65,50 @@ async fn the_operator_cli_signs_pushes_and_shows_two_agents() {
     .unwrap();
     let env = keys.join("doc.signed.json");
     let key = keys.join("ops.key");
+    // A document names where it may be applied: without --target (and no `target` in it)
+    // nothing is signed.
     let out = cli(&[
         "fleet",
         "sign",
         "--key",
         key.to_str().unwrap(),
         doc.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--target"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&[
+        "fleet",
+        "sign",
+        "--key",
+        key.to_str().unwrap(),
+        "--target",
+        "device/cli-a",
+        doc.to_str().unwrap(),
         "--out",
         env.to_str().unwrap(),
     ]);
     assert!(
         out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Signed for cli-a: the CLI will not push it to cli-b (and cli-b would refuse it).
+    let out = cli(&[
+        "fleet",
+        "push",
+        "--broker",
+        &broker,
+        "--device",
+        "cli-b",
+        env.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("was signed for `device/cli-a`"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -22,6 +22,10 @@ pub struct RawFleet {
     pub models_dir: Option<PathBuf>,
     /// Bytes that must stay free after a model download.
     pub reserve_bytes: u64,
+    /// Model URLs must be `https://` unless this is true (a lab without TLS).
+    pub allow_http: bool,
+    /// A model download, every attempt and pause included, gives up after this many seconds.
+    pub download_timeout_secs: u64,
     /// Seconds between telemetry messages on `{prefix}/{device_id}/telemetry`; 0 for none.
     pub telemetry_interval_secs: u64,
     /// After a switch, the first this many local runs decide whether it stays...
@@ -39,6 +43,8 @@ impl Default for RawFleet {
             keys: Default::default(),
             models_dir: None,
             reserve_bytes: 64 << 20,
+            allow_http: false,
+            download_timeout_secs: 900,
             telemetry_interval_secs: 30,
             health_requests: 20,
             health_max_error_rate: 0.5,
@@ -54,6 +60,8 @@ pub struct FleetConfig {
     pub keys: TrustedKeys,
     pub models_dir: PathBuf,
     pub reserve_bytes: u64,
+    pub allow_http: bool,
+    pub download_timeout: Duration,
     pub telemetry_interval: Duration,
     pub health: HealthRule,
 }
@@ -133,6 +141,12 @@ impl RawFleet {
                 f.health_max_error_rate
             ));
         }
+        if !(1..=86_400).contains(&f.download_timeout_secs) {
+            errors.push(format!(
+                "fleet.download_timeout_secs is {}; use 1 to 86400 seconds",
+                f.download_timeout_secs
+            ));
+        }
         if f.telemetry_interval_secs > 86_400 {
             errors.push("fleet.telemetry_interval_secs must be at most 86400 (a day)".into());
         }
@@ -147,6 +161,8 @@ impl RawFleet {
             keys,
             models_dir,
             reserve_bytes: f.reserve_bytes,
+            allow_http: f.allow_http,
+            download_timeout: Duration::from_secs(f.download_timeout_secs.clamp(1, 86_400)),
             telemetry_interval: Duration::from_secs(f.telemetry_interval_secs),
             health: HealthRule {
                 requests: f.health_requests.max(1),

@@ -334,6 +334,15 @@ impl RawConfig {
     }
 }
 
+/// A name that may become part of a file name: 1 to 64 ASCII letters, digits, `.`, `_` or `-`,
+/// not starting with `.` (so never `..`, a path separator or a hidden file).
+pub fn is_plain_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 pub(crate) fn check_segment(what: &str, s: &str, errors: &mut Vec<String>) {
     if s.is_empty() {
         errors.push(format!("{what} is empty"));
@@ -393,6 +402,29 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    #[test]
+    fn plain_names_never_leave_a_directory() {
+        for (name, plain) in [
+            ("digits", true),
+            ("ocr_det-v4.1", true),
+            ("a", true),
+            (&"x".repeat(64) as &str, true),
+            (&"x".repeat(65) as &str, false),
+            ("", false),
+            (".", false),
+            ("..", false),
+            (".hidden", false),
+            ("../x", false),
+            ("a/b", false),
+            ("a\\b", false),
+            ("a b", false),
+            ("é", false),
+            ("a\0", false),
+        ] {
+            assert_eq!(is_plain_name(name), plain, "{name:?}");
+        }
     }
 
     fn from_toml(text: &str) -> Result<RawConfig, ConfigErrors> {

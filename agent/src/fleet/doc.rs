@@ -5,6 +5,7 @@
 //!
 //! ```json
 //! {
+//!   "target": "group/lab",      (or "device/pi-7": where it was signed for)
 //!   "version": 7,
 //!   "rollback": false,          (true, with "rollback_from": N, to go back to this version)
 //!   "policy": {"mode": "local-first", "models": {"digits": {"budget_ms": 80}}},
@@ -15,7 +16,9 @@
 //! }
 //! ```
 //!
-//! `policy` and `store` use agent.toml's names and rules and are merged over it (JSON merge
+//! `target` binds the signature to one topic: a document arriving on another topic than the one
+//! it names is refused (`wrong_target`), so a group's document cannot be replayed as a device's
+//! or another group's. `policy` and `store` use agent.toml's names and rules and are merged over it (JSON merge
 //! patch: a `null` restores the local value); groups apply in the order agent.toml lists them,
 //! then the device's own document. Under `models` each entry replaces the earlier one whole;
 //! `null` removes the model.
@@ -28,7 +31,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::Rejection;
-use crate::config::{Config, RawConfig};
+use crate::config::{Config, RawConfig, is_plain_name};
 
 /// Where a document comes from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -40,6 +43,14 @@ pub enum Source {
 }
 
 impl Source {
+    /// What a document for this source names as its `target`: `group/lab` or `device/pi-7`.
+    pub fn target(&self, device_id: &str) -> String {
+        match self {
+            Source::Group(g) => format!("group/{g}"),
+            Source::Device => format!("device/{device_id}"),
+        }
+    }
+
     /// How the source is named in statuses and the database: `group/lab` or `device`.
     pub fn label(&self) -> String {
         match self {
@@ -120,6 +131,8 @@ impl DocTopics {
 /// One verified document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
+    /// Where it was signed for: `group/NAME` or `device/ID`.
+    pub target: String,
     pub version: u64,
     /// An explicit, signed return to an older version: allowed at or below the version taken,
     /// but only in place of the version it names in `rollback_from` (so it cannot be replayed
@@ -140,6 +153,20 @@ impl Document {
             .map_err(|e| bad(format!("the signed payload is not JSON: {e}")))?;
         let Value::Object(mut body) = value else {
             return Err(bad("the signed payload must be a JSON object".into()));
+        };
+        let target = match body.remove("target") {
+            Some(Value::String(t))
+                if t.strip_prefix("group/")
+                    .or_else(|| t.strip_prefix("device/"))
+                    .is_some_and(|rest| !rest.is_empty() && !rest.contains(['/', '+', '#'])) =>
+            {
+                t
+            }
+            _ => {
+                return Err(bad(
+                    "the document needs a `target`: \"group/NAME\" or \"device/ID\", the topic it was signed for (`tether fleet sign` fills it in)".into(),
+                ));
+            }
         };
         let version = match body.remove("version") {
             Some(Value::Number(n)) => n.as_u64().filter(|v| *v > 0),
@@ -176,6 +203,7 @@ impl Document {
             )));
         }
         Ok(Document {
+            target,
             version,
             rollback,
             rollback_from,
@@ -193,9 +221,9 @@ pub struct ModelUpdate {
     pub sha256: String,
     /// `http(s)://…`: the relay's `/v2/models/{name}/versions/{v}/artifact` or any server.
     pub url: String,
-    /// The file's size, when known: checked against the free disk space before downloading.
-    #[serde(default)]
-    pub bytes: Option<u64>,
+    /// The file's size: checked against the free disk space before downloading, and no more
+    /// than this is ever written.
+    pub bytes: u64,
     /// The manifest entry (interface, labels) of a model the zoo does not have.
     #[serde(default)]
     pub spec: Option<ModelSpec>,
@@ -230,6 +258,12 @@ pub fn desired(
                     return Err(invalid("`models` must be an object of model name to entry"));
                 };
                 for (name, entry) in entries {
+                    if !is_plain_name(name) {
+                        return Err(invalid(&format!(
+                            "`models` names `{}`, which is not a model name: use letters, digits, `.`, `_` and `-`",
+                            name.escape_debug()
+                        )));
+                    }
                     model_entries.insert(name.clone(), entry.clone());
                 }
             } else {
@@ -316,7 +350,7 @@ pub fn desired(
         }
         match serde_json::from_value::<ModelUpdate>(entry) {
             Ok(u) => {
-                check_update(&name, &u, zoo, &mut errors);
+                check_update(&name, &u, zoo, base.fleet.allow_http, &mut errors);
                 models.insert(name, Some(u));
             }
             Err(e) => errors.push(format!("models.{name}: {e}")),
@@ -336,7 +370,13 @@ pub fn desired(
     })
 }
 
-fn check_update(name: &str, u: &ModelUpdate, zoo: &Manifest, errors: &mut Vec<String>) {
+fn check_update(
+    name: &str,
+    u: &ModelUpdate,
+    zoo: &Manifest,
+    allow_http: bool,
+    errors: &mut Vec<String>,
+) {
     if u.version.trim().is_empty() {
         errors.push(format!("models.{name}.version is empty"));
     }
@@ -345,12 +385,13 @@ fn check_update(name: &str, u: &ModelUpdate, zoo: &Manifest, errors: &mut Vec<St
             "models.{name}.sha256 must be the file's sha256 in 64 hex digits"
         ));
     }
-    match url::Url::parse(&u.url) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {}
-        _ => errors.push(format!(
-            "models.{name}.url `{}` is not an http(s) URL",
-            u.url
-        )),
+    if u.bytes == 0 {
+        errors.push(format!(
+            "models.{name}.bytes must be the file's size in bytes"
+        ));
+    }
+    if let Err(e) = check_url(&u.url, allow_http) {
+        errors.push(format!("models.{name}.url: {e}"));
     }
     match &u.spec {
         Some(spec) if spec.name != name => errors.push(format!(
@@ -363,6 +404,19 @@ fn check_update(name: &str, u: &ModelUpdate, zoo: &Manifest, errors: &mut Vec<St
             zoo.model_names()
         )),
         None => {}
+    }
+}
+
+/// A model URL the agent may download from: `https://` with a host, or `http://` when allowed.
+pub fn check_url(text: &str, allow_http: bool) -> Result<url::Url, String> {
+    match url::Url::parse(text) {
+        Ok(url) if url.host_str().is_none() => Err(format!("the model URL `{text}` names no host")),
+        Ok(url) if url.scheme() == "https" => Ok(url),
+        Ok(url) if url.scheme() == "http" && allow_http => Ok(url),
+        Ok(url) if url.scheme() == "http" => Err(format!(
+            "the model URL `{text}` is plain http: models are downloaded over https unless fleet.allow_http = true"
+        )),
+        Ok(_) | Err(_) => Err(format!("the model URL `{text}` is not an https URL")),
     }
 }
 
@@ -397,7 +451,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn doc(v: Value) -> Document {
+    /// A document for group `lab` unless it names its target.
+    fn doc(mut v: Value) -> Document {
+        if v.get("target").is_none() {
+            v["target"] = json!("group/lab");
+        }
         Document::parse(&v.to_string()).unwrap()
     }
 
@@ -424,20 +482,45 @@ mod tests {
     }
 
     #[test]
-    fn parse_needs_a_version_and_known_keys() {
+    fn parse_needs_a_target_a_version_and_known_keys() {
         assert!(matches!(
-            Document::parse(r#"{"policy": {}}"#),
+            Document::parse(r#"{"target": "group/lab", "policy": {}}"#),
             Err(Rejection::BadDocument(_))
         ));
         assert!(matches!(
-            Document::parse(r#"{"version": 0}"#),
+            Document::parse(r#"{"target": "group/lab", "version": 0}"#),
             Err(Rejection::BadDocument(_))
         ));
+        for target in [
+            None,
+            Some(json!("lab")),
+            Some(json!("group/")),
+            Some(json!("device/")),
+            Some(json!("group/a/b")),
+            Some(json!("group/#")),
+            Some(json!("fleet/lab")),
+            Some(json!(7)),
+        ] {
+            let mut v = json!({"version": 3});
+            if let Some(t) = &target {
+                v["target"] = t.clone();
+            }
+            let Err(Rejection::BadDocument(m)) = Document::parse(&v.to_string()) else {
+                panic!("target {target:?} accepted")
+            };
+            assert!(m.contains("target"), "{m}");
+        }
+        assert_eq!(
+            doc(json!({"version": 1, "target": "device/pi-7"})).target,
+            "device/pi-7"
+        );
         assert!(matches!(
             Document::parse("[1]"),
             Err(Rejection::BadDocument(_))
         ));
-        let Err(Rejection::Invalid(m)) = Document::parse(r#"{"version": 2, "mqtt": {}}"#) else {
+        let Err(Rejection::Invalid(m)) =
+            Document::parse(r#"{"target": "device/x", "version": 2, "mqtt": {}}"#)
+        else {
             panic!("mqtt accepted")
         };
         assert!(m.contains("`mqtt`"), "{m}");
@@ -445,11 +528,11 @@ mod tests {
             doc(json!({"version": 4, "rollback": true, "rollback_from": 6, "log_level": "debug"}));
         assert_eq!((d.version, d.rollback, d.rollback_from), (4, true, Some(6)));
         assert!(matches!(
-            Document::parse(r#"{"version": 4, "rollback": true}"#),
+            Document::parse(r#"{"target": "device/x", "version": 4, "rollback": true}"#),
             Err(Rejection::BadDocument(_))
         ));
         assert!(matches!(
-            Document::parse(r#"{"version": 4, "rollback_from": 5}"#),
+            Document::parse(r#"{"target": "device/x", "version": 4, "rollback_from": 5}"#),
             Err(Rejection::BadDocument(_))
         ));
         assert!(!d.body.contains_key("version"));
@@ -479,8 +562,9 @@ mod tests {
             "store": {"path": "/elsewhere.db", "outbox": {"max_rows": 0}},
             "telemetry": {"interval_secs": -1},
             "log_level": "=x=",
-            "models": {"digits": {"version": "2", "sha256": "nope", "url": "ftp://x/y"},
-                        "brand_new": {"version": "1", "sha256": SHA, "url": "http://relay/x"}}}));
+            "models": {"digits": {"version": "2", "sha256": "nope", "url": "ftp://x/y", "bytes": 0},
+                        "brand_new": {"version": "1", "sha256": SHA, "url": "https://relay/x", "bytes": 5},
+                        "plain": {"version": "1", "sha256": SHA, "url": "http://relay/x", "bytes": 5}}}));
         let Err(Rejection::Invalid(m)) = desired(&base(), "pi-1", &[&bad], &zoo()) else {
             panic!("accepted")
         };
@@ -493,7 +577,9 @@ mod tests {
             "log_level",
             "models.digits.sha256",
             "models.digits.url",
+            "models.digits.bytes",
             "brand_new",
+            "fleet.allow_http",
         ] {
             assert!(m.contains(needle), "`{needle}` missing from: {m}");
         }
@@ -502,14 +588,38 @@ mod tests {
     #[test]
     fn model_entries_replace_whole_and_null_removes() {
         let group = doc(json!({"version": 1, "models": {
-            "digits": {"version": "2", "sha256": SHA, "url": "http://relay/a", "bytes": 10},
+            "digits": {"version": "2", "sha256": SHA, "url": "https://relay/a", "bytes": 10},
             "vad": null}}));
         let device = doc(json!({"version": 1, "models": {
-            "digits": {"version": "3", "sha256": SHA, "url": "http://relay/b"}}}));
+            "digits": {"version": "3", "sha256": SHA, "url": "https://relay/b", "bytes": 12}}}));
         let d = desired(&base(), "pi-1", &[&group, &device], &zoo()).unwrap();
         let digits = d.models["digits"].as_ref().unwrap();
-        assert_eq!((digits.version.as_str(), digits.bytes), ("3", None));
+        assert_eq!((digits.version.as_str(), digits.bytes), ("3", 12));
         assert!(d.models["vad"].is_none());
+        // Plain http only when the device allows it.
+        let plain = doc(json!({"version": 2, "models": {
+            "digits": {"version": "3", "sha256": SHA, "url": "http://relay/b", "bytes": 12}}}));
+        assert!(desired(&base(), "pi-1", &[&plain], &zoo()).is_err());
+        let mut lab = base();
+        lab.fleet.allow_http = true;
+        assert!(desired(&lab, "pi-1", &[&plain], &zoo()).is_ok());
+    }
+
+    #[test]
+    fn model_names_that_could_leave_the_model_directory_are_refused() {
+        for name in ["../../x", "a/b", ".x", "", "x\\y", "é"] {
+            let mut models = Map::new();
+            models.insert(
+                name.to_owned(),
+                json!({"version": "1", "sha256": SHA, "url": "https://relay/x", "bytes": 5,
+                       "spec": null}),
+            );
+            let d = doc(json!({"version": 1, "models": models}));
+            let Err(Rejection::Invalid(m)) = desired(&base(), "pi-1", &[&d], &zoo()) else {
+                panic!("{name:?} accepted")
+            };
+            assert!(m.contains("not a model name"), "{m}");
+        }
     }
 
     #[test]
@@ -533,5 +643,7 @@ mod tests {
         for s in [Source::Device, Source::Group("lab".into())] {
             assert_eq!(Source::from_label(&s.label()), Some(s));
         }
+        assert_eq!(Source::Device.target("pi-1"), "device/pi-1");
+        assert_eq!(Source::Group("lab".into()).target("pi-1"), "group/lab");
     }
 }

@@ -1,7 +1,13 @@
 //! Model files for fleet updates: downloaded into the agent's model directory, resumed where an
-//! interrupted transfer stopped (`Range`), checked against the free disk space first and the
-//! sha256 last, written to `NAME-SHA.onnx.part` and renamed only once verified. Files already
-//! present (a previous version, kept for rollback) are reused without a download.
+//! interrupted transfer stopped (`Range`), written to `NAME-SHA.onnx.part`, hashed while they
+//! are written and renamed only once verified. Files already present (a previous version, kept
+//! for rollback) are reused without a download.
+//!
+//! Everything a server sends is untrusted: the declared size (`bytes`, required in the
+//! document) is checked against the free disk space before anything is written and enforced
+//! while streaming, a download as a whole has a deadline (`fleet.download_timeout_secs`) and
+//! stops when the agent stops, an error body is read only up to a few hundred bytes, and files
+//! are never read whole into memory.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,29 +16,49 @@ use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
 
 use super::Rejection;
-use super::doc::ModelUpdate;
+use super::doc::{ModelUpdate, check_url};
+use crate::config::is_plain_name;
 
 /// Attempts per download; each one resumes where the previous one stopped.
-const ATTEMPTS: u32 = 4;
+const ATTEMPTS: u32 = 5;
+/// The pause after the first failed attempt, doubled after each (and capped).
+const FIRST_PAUSE: Duration = Duration::from_secs(1);
+const MAX_PAUSE: Duration = Duration::from_secs(30);
+/// How much of an error body is quoted back.
+const ERROR_BODY_CHARS: usize = 200;
+
+/// How a [`Fetcher`] downloads.
+#[derive(Debug, Clone)]
+pub struct FetchLimits {
+    /// Bytes that must stay free after a download (the database and its outbox need room).
+    pub reserve_bytes: u64,
+    /// Plain `http://` URLs are refused unless this is set.
+    pub allow_http: bool,
+    /// One download, every attempt and pause included.
+    pub timeout: Duration,
+}
 
 /// Fetches model files into one directory.
 #[derive(Debug, Clone)]
 pub struct Fetcher {
     client: reqwest::Client,
     dir: PathBuf,
-    /// Bytes that must stay free after a download (the database and its outbox need room).
-    reserve_bytes: u64,
+    limits: FetchLimits,
     /// The relay's origin and the device's token for it: sent only to that origin.
     relay: Option<(url::Url, String)>,
+    /// Cancelled when the agent stops: a download in progress gives up at once.
+    stop: CancellationToken,
 }
 
 impl Fetcher {
     pub fn new(
         dir: PathBuf,
-        reserve_bytes: u64,
+        limits: FetchLimits,
         relay: Option<(url::Url, String)>,
+        stop: CancellationToken,
     ) -> Result<Fetcher, String> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
@@ -43,8 +69,9 @@ impl Fetcher {
         Ok(Fetcher {
             client,
             dir,
-            reserve_bytes,
+            limits,
             relay,
+            stop,
         })
     }
 
@@ -52,17 +79,53 @@ impl Fetcher {
         &self.dir
     }
 
-    /// Where a verified file for this update lives.
+    /// Where a verified file for this update lives. Both parts come from a document: the name
+    /// must be a plain name (checked when the document is validated) and only hex digits of
+    /// the checksum are used, so the path stays inside the model directory whatever they hold.
     pub fn path_for(&self, name: &str, sha256: &str) -> PathBuf {
-        let short = &sha256[..sha256.len().min(16)];
+        let short: String = sha256
+            .chars()
+            .filter(char::is_ascii_hexdigit)
+            .take(16)
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let name = if is_plain_name(name) { name } else { "model" };
         self.dir.join(format!("{name}-{short}.onnx"))
     }
 
     /// The verified file for `update`, downloading it unless it is already here.
     pub async fn fetch(&self, name: &str, update: &ModelUpdate) -> Result<PathBuf, Rejection> {
+        if !is_plain_name(name) {
+            return Err(Rejection::Invalid(format!(
+                "`{}` is not a model name: use letters, digits, `.`, `_` and `-`",
+                name.escape_debug()
+            )));
+        }
+        let url = check_url(&update.url, self.limits.allow_http).map_err(Rejection::Invalid)?;
+        let timeout = self.limits.timeout;
+        tokio::select! {
+            biased;
+            () = self.stop.cancelled() => Err(Rejection::Download(format!(
+                "the download of model `{name}` stopped because the agent is stopping (the partial file is kept to resume)"
+            ))),
+            r = tokio::time::timeout(timeout, self.fetch_now(name, update, &url)) => r.unwrap_or_else(|_| {
+                Err(Rejection::Download(format!(
+                    "the download of model `{name}` from {url} did not finish within {} s (fleet.download_timeout_secs); the partial file is kept to resume",
+                    timeout.as_secs()
+                )))
+            }),
+        }
+    }
+
+    async fn fetch_now(
+        &self,
+        name: &str,
+        update: &ModelUpdate,
+        url: &url::Url,
+    ) -> Result<PathBuf, Rejection> {
         let path = self.path_for(name, &update.sha256);
-        if let Ok(bytes) = tokio::fs::read(&path).await
-            && models::manifest::sha256_hex(&bytes).eq_ignore_ascii_case(&update.sha256)
+        if let Ok(Some(sha)) = hash_file(&path).await
+            && sha.eq_ignore_ascii_case(&update.sha256)
         {
             tracing::info!(model = name, path = %path.display(), "Model file already here; no download.");
             return Ok(path);
@@ -75,45 +138,70 @@ impl Fetcher {
         })?;
         let part = path.with_extension("onnx.part");
         let mut last_error = String::new();
+        let mut pause = FIRST_PAUSE;
         for attempt in 1..=ATTEMPTS {
-            match self.attempt(name, update, &part).await {
-                Ok(()) => {
-                    return self.verify_and_rename(name, update, &part, &path).await;
+            match self.attempt(name, update, url, &part).await {
+                Ok(sha) => {
+                    return self
+                        .verify_and_rename(name, update, sha, &part, &path)
+                        .await;
                 }
                 Err(Attempt::Fatal(r)) => {
                     let _ = tokio::fs::remove_file(&part).await;
                     return Err(r);
                 }
                 Err(Attempt::Retry(e)) => {
-                    tracing::warn!(model = name, attempt, error = %e, "Model download interrupted; resuming.");
                     last_error = e;
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    if attempt < ATTEMPTS {
+                        tracing::warn!(model = name, attempt, error = %last_error, pause_ms = pause.as_millis(), "Model download interrupted; resuming after a pause.");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(MAX_PAUSE);
+                    }
                 }
             }
         }
         Err(Rejection::Download(format!(
-            "cannot download model `{name}` from {}: {last_error} (after {ATTEMPTS} attempts; the partial file is kept to resume)",
-            update.url
+            "cannot download model `{name}` from {url}: {last_error} (after {ATTEMPTS} attempts; the partial file is kept to resume)"
         )))
     }
 
-    async fn attempt(&self, name: &str, update: &ModelUpdate, part: &Path) -> Result<(), Attempt> {
-        let have = tokio::fs::metadata(part).await.map_or(0, |m| m.len());
-        let mut request = self.client.get(&update.url);
+    /// One request: appends to the partial file and returns the sha256 of the whole file.
+    async fn attempt(
+        &self,
+        name: &str,
+        update: &ModelUpdate,
+        url: &url::Url,
+        part: &Path,
+    ) -> Result<String, Attempt> {
+        let declared = update.bytes;
+        let mut have = tokio::fs::metadata(part).await.map_or(0, |m| m.len());
+        if have > declared {
+            let _ = tokio::fs::remove_file(part).await;
+            have = 0;
+        }
+        // What is already there is hashed from disk, in pieces, so the new bytes only extend it.
+        let mut hasher = Sha256::new();
+        if have > 0 {
+            hasher = hash_into(part, hasher)
+                .await
+                .map_err(|e| Attempt::Retry(format!("cannot read {}: {e}", part.display())))?;
+        }
+        if have == declared {
+            return Ok(hex::encode(hasher.finalize()));
+        }
+        let mut request = self.client.get(url.clone());
         if have > 0 {
             request = request.header(RANGE, format!("bytes={have}-"));
         }
         if let Some((origin, token)) = &self.relay
-            && let Ok(url) = url::Url::parse(&update.url)
             && url.origin() == origin.origin()
         {
             request = request.header(AUTHORIZATION, format!("Bearer {token}"));
         }
-        let response = request.send().await.map_err(|e| {
+        let mut response = request.send().await.map_err(|e| {
             if have == 0 && (e.is_connect() || e.is_builder()) {
                 Attempt::Fatal(Rejection::Download(format!(
-                    "the model URL {} cannot be reached: {}",
-                    update.url,
+                    "the model URL {url} cannot be reached: {}",
                     error_chain(&e)
                 )))
             } else {
@@ -121,7 +209,7 @@ impl Fetcher {
             }
         })?;
         let status = response.status();
-        let (resume_from, remaining) = match status {
+        let resume_from = match status {
             StatusCode::PARTIAL_CONTENT if have > 0 => {
                 let starts_at = response
                     .headers()
@@ -136,34 +224,35 @@ impl Fetcher {
                         "the server resumed at another offset; starting over".into(),
                     ));
                 }
-                (have, content_length(&response))
+                have
             }
-            StatusCode::OK => (0, content_length(&response)),
+            StatusCode::OK => {
+                hasher = Sha256::new();
+                0
+            }
             StatusCode::RANGE_NOT_SATISFIABLE if have > 0 => {
-                // The partial file is as long as the whole (or longer): check it as it is.
-                return Ok(());
+                let _ = tokio::fs::remove_file(part).await;
+                return Err(Attempt::Retry(
+                    "the server cannot resume this file; starting over".into(),
+                ));
             }
             s => {
-                let body = response.text().await.unwrap_or_default();
+                let body = error_body(&mut response).await;
                 return Err(Attempt::Fatal(Rejection::Download(format!(
-                    "the model URL {} answered {s}: {}",
-                    update.url,
-                    body.chars().take(200).collect::<String>()
+                    "the model URL {url} answered {s}: {body}"
                 ))));
             }
         };
-        let total = remaining.map(|r| r + resume_from).or(update.bytes);
-        if let Some(total) = total
-            && let Some(b) = update.bytes
-            && b != total
+        if let Some(remaining) = content_length(&response)
+            && resume_from.checked_add(remaining) != Some(declared)
         {
             return Err(Attempt::Fatal(Rejection::Checksum(format!(
-                "model `{name}` at {} is {total} bytes, not the {b} the document says",
-                update.url
+                "model `{name}` at {url} is {} bytes, not the {declared} the document says",
+                resume_from.saturating_add(remaining)
             ))));
         }
-        self.check_space(name, total.map_or(0, |t| t.saturating_sub(resume_from)))
-            .map_err(Attempt::Fatal)?;
+        let to_write = declared.saturating_sub(resume_from);
+        self.check_space(name, to_write).map_err(Attempt::Fatal)?;
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(resume_from > 0)
@@ -178,38 +267,46 @@ impl Fetcher {
                 )))
             })?;
         if resume_from > 0 {
-            tracing::info!(model = name, from = resume_from, total = ?total, "Resuming the model download.");
+            tracing::info!(
+                model = name,
+                from = resume_from,
+                total = declared,
+                "Resuming the model download."
+            );
         }
         let mut done = resume_from;
         let mut last_log = Instant::now();
-        let mut response = response;
-        loop {
-            let chunk = response
-                .chunk()
-                .await
-                .map_err(|e| Attempt::Retry(error_chain(&e)))?;
-            let Some(chunk) = chunk else { break };
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| Attempt::Retry(error_chain(&e)))?
+        {
+            let len = u64::try_from(chunk.len()).unwrap_or(u64::MAX);
+            done = match done.checked_add(len).filter(|d| *d <= declared) {
+                Some(d) => d,
+                None => {
+                    return Err(Attempt::Fatal(Rejection::Checksum(format!(
+                        "model `{name}` at {url} sent more than the {declared} bytes the document says; the file was discarded"
+                    ))));
+                }
+            };
             file.write_all(&chunk).await.map_err(|e| {
                 Attempt::Fatal(Rejection::NoSpace(format!(
                     "cannot write the model file {}: {e}",
                     part.display()
                 )))
             })?;
-            done += chunk.len() as u64;
+            hasher.update(&chunk);
             if last_log.elapsed() >= Duration::from_secs(2) {
                 last_log = Instant::now();
-                match total {
-                    Some(t) if t > 0 => {
-                        tracing::info!(
-                            model = name,
-                            bytes = done,
-                            total = t,
-                            percent = format!("{:.0}", done as f64 * 100.0 / t as f64),
-                            "Downloading model."
-                        )
-                    }
-                    _ => tracing::info!(model = name, bytes = done, "Downloading model."),
-                }
+                let percent = done.saturating_mul(100) / declared.max(1);
+                tracing::info!(
+                    model = name,
+                    bytes = done,
+                    total = declared,
+                    percent,
+                    "Downloading model."
+                );
             }
         }
         file.flush()
@@ -218,28 +315,23 @@ impl Fetcher {
         file.sync_all()
             .await
             .map_err(|e| Attempt::Retry(e.to_string()))?;
-        if let Some(t) = total
-            && done < t
-        {
+        if done < declared {
             return Err(Attempt::Retry(format!(
-                "the connection ended after {done} of {t} bytes"
+                "the connection ended after {done} of {declared} bytes"
             )));
         }
         tracing::info!(model = name, bytes = done, "Model downloaded.");
-        Ok(())
+        Ok(hex::encode(hasher.finalize()))
     }
 
     async fn verify_and_rename(
         &self,
         name: &str,
         update: &ModelUpdate,
+        actual: String,
         part: &Path,
         path: &Path,
     ) -> Result<PathBuf, Rejection> {
-        let bytes = tokio::fs::read(part)
-            .await
-            .map_err(|e| Rejection::Download(format!("cannot read {}: {e}", part.display())))?;
-        let actual = hex::encode(Sha256::digest(&bytes));
         if !actual.eq_ignore_ascii_case(&update.sha256) {
             let _ = tokio::fs::remove_file(part).await;
             return Err(Rejection::Checksum(format!(
@@ -261,10 +353,10 @@ impl Fetcher {
         let Some(free) = free_bytes(&self.dir) else {
             return Ok(());
         };
-        if free < bytes.saturating_add(self.reserve_bytes) {
+        let reserve = self.limits.reserve_bytes;
+        if free < bytes.saturating_add(reserve) {
             return Err(Rejection::NoSpace(format!(
-                "not enough disk for model `{name}`: it needs {bytes} bytes and {} must stay free (fleet.reserve_bytes), but {} has {free} bytes free",
-                self.reserve_bytes,
+                "not enough disk for model `{name}`: it needs {bytes} bytes and {reserve} must stay free (fleet.reserve_bytes), but {} has {free} bytes free",
                 self.dir.display()
             )));
         }
@@ -292,6 +384,48 @@ impl Fetcher {
             }
         }
     }
+}
+
+/// The sha256 of a file, read in pieces; `None` when it does not exist.
+async fn hash_file(path: &Path) -> std::io::Result<Option<String>> {
+    match tokio::fs::metadata(path).await {
+        Ok(_) => Ok(Some(hex::encode(
+            hash_into(path, Sha256::new()).await?.finalize(),
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `hasher` fed with the whole file, read 64 KiB at a time on a blocking thread.
+async fn hash_into(path: &Path, mut hasher: Sha256) -> std::io::Result<Sha256> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path)?;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                return Ok(hasher);
+            }
+            hasher.update(buf.get(..n).unwrap_or_default());
+        }
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// The start of an error response's body, for the message (never the whole of it).
+async fn error_body(response: &mut reqwest::Response) -> String {
+    let mut text = String::new();
+    while text.len() < ERROR_BODY_CHARS {
+        match response.chunk().await {
+            Ok(Some(c)) => text.push_str(&String::from_utf8_lossy(&c)),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    text.chars().take(ERROR_BODY_CHARS).collect()
 }
 
 enum Attempt {
@@ -390,12 +524,56 @@ mod tests {
         (format!("http://{addr}/m.onnx"), ranged)
     }
 
+    fn fetcher(dir: &Path, reserve_bytes: u64, timeout: Duration) -> Fetcher {
+        let limits = FetchLimits {
+            reserve_bytes,
+            allow_http: true,
+            timeout,
+        };
+        Fetcher::new(dir.to_path_buf(), limits, None, CancellationToken::new()).unwrap()
+    }
+
+    /// A raw HTTP server answering every request with `head` and then `body`, written `step`
+    /// bytes at a time with `pause` between writes: a server that lies about sizes, or a
+    /// trickle.
+    async fn scripted(head: &'static str, body: Vec<u8>, step: usize, pause: Duration) -> String {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut len = 0;
+                    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf[len..]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => len += k,
+                        }
+                    }
+                    if sock.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    for piece in body.chunks(step.max(1)) {
+                        if sock.write_all(piece).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                    let _ = sock.shutdown().await;
+                });
+            }
+        });
+        format!("http://{addr}/m.onnx")
+    }
+
     fn update(url: &str, data: &[u8]) -> ModelUpdate {
         ModelUpdate {
             version: "2".into(),
             sha256: models::manifest::sha256_hex(data),
             url: url.into(),
-            bytes: Some(data.len() as u64),
+            bytes: u64::try_from(data.len()).unwrap(),
             spec: None,
         }
     }
@@ -405,7 +583,7 @@ mod tests {
         let data: Arc<Vec<u8>> = Arc::new((0..200_000u32).map(|i| (i % 251) as u8).collect());
         let (url, ranged) = server(data.clone(), 1).await;
         let dir = crate::test_scratch_dir("fetch");
-        let f = Fetcher::new(dir.clone(), 0, None).unwrap();
+        let f = fetcher(&dir, 0, Duration::from_secs(60));
         let u = update(&url, &data);
         let path = f.fetch("m", &u).await.unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), *data);
@@ -425,7 +603,7 @@ mod tests {
         let data: Arc<Vec<u8>> = Arc::new(vec![7u8; 10_000]);
         let (url, _) = server(data.clone(), 0).await;
         let dir = crate::test_scratch_dir("fetch-bad");
-        let f = Fetcher::new(dir.clone(), 0, None).unwrap();
+        let f = fetcher(&dir, 0, Duration::from_secs(60));
         let mut u = update(&url, &data);
         u.sha256 = "ab".repeat(32);
         let err = f.fetch("m", &u).await.unwrap_err();
@@ -440,11 +618,112 @@ mod tests {
         let err = f.fetch("m", &dead).await.unwrap_err();
         assert!(matches!(err, Rejection::Download(_)), "{err:?}");
 
-        let full = Fetcher::new(dir.clone(), u64::MAX / 2, None).unwrap();
+        let full = fetcher(&dir, u64::MAX / 2, Duration::from_secs(60));
         let err = full.fetch("m", &update(&url, &data)).await.unwrap_err();
         let Rejection::NoSpace(m) = err else {
             panic!("{err:?}")
         };
         assert!(m.contains("not enough disk"), "{m}");
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_declared_is_cut_off_and_discarded() {
+        // No Content-Length, and far more bytes than the document declares: writing stops at
+        // the declared size and nothing is left behind.
+        let data = vec![1u8; 1000];
+        let flood = vec![1u8; 1 << 20];
+        let url = scripted(
+            "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n",
+            flood,
+            16 << 10,
+            Duration::ZERO,
+        )
+        .await;
+        let dir = crate::test_scratch_dir("fetch-long");
+        let f = fetcher(&dir, 0, Duration::from_secs(60));
+        let err = f.fetch("m", &update(&url, &data)).await.unwrap_err();
+        let Rejection::Checksum(m) = &err else {
+            panic!("{err:?}")
+        };
+        assert!(m.contains("more than the 1000 bytes"), "{m}");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "nothing left behind"
+        );
+
+        // A Content-Length that disagrees with the document is refused before the body.
+        let url = scripted(
+            "HTTP/1.1 200 OK\r\ncontent-length: 999999999\r\nconnection: close\r\n\r\n",
+            vec![0u8; 10],
+            10,
+            Duration::ZERO,
+        )
+        .await;
+        let err = f.fetch("m", &update(&url, &data)).await.unwrap_err();
+        assert!(matches!(err, Rejection::Checksum(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_trickle_is_stopped_at_the_deadline_and_a_stop_ends_a_download() {
+        let data = vec![2u8; 4000];
+        let head = "HTTP/1.1 200 OK\r\ncontent-length: 4000\r\nconnection: close\r\n\r\n";
+        let url = scripted(head, data.clone(), 10, Duration::from_millis(200)).await;
+        let dir = crate::test_scratch_dir("fetch-slow");
+        let f = fetcher(&dir, 0, Duration::from_millis(700));
+        let err = f.fetch("m", &update(&url, &data)).await.unwrap_err();
+        let Rejection::Download(m) = &err else {
+            panic!("{err:?}")
+        };
+        assert!(m.contains("did not finish within"), "{m}");
+
+        let stop = CancellationToken::new();
+        let limits = FetchLimits {
+            reserve_bytes: 0,
+            allow_http: true,
+            timeout: Duration::from_secs(600),
+        };
+        let f = Fetcher::new(dir.clone(), limits, None, stop.clone()).unwrap();
+        let u = update(&url, &data);
+        let task = tokio::spawn(async move { f.fetch("m", &u).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+        let err = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the download ended on stop")
+            .unwrap()
+            .unwrap_err();
+        assert!(err.message().contains("stopping"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn plain_http_unsafe_names_and_odd_checksums_are_refused_without_a_request() {
+        let dir = crate::test_scratch_dir("fetch-names");
+        let limits = FetchLimits {
+            reserve_bytes: 0,
+            allow_http: false,
+            timeout: Duration::from_secs(5),
+        };
+        let f = Fetcher::new(dir.clone(), limits, None, CancellationToken::new()).unwrap();
+        let data = [0u8; 4];
+        let err = f
+            .fetch("m", &update("http://127.0.0.1:9/m.onnx", &data))
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("fleet.allow_http"), "{err:?}");
+        for name in ["../../x", "a/b", ".hidden", "", "x\0y", "é"] {
+            let err = f
+                .fetch(name, &update("https://127.0.0.1:9/m.onnx", &data))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Rejection::Invalid(_)), "{name:?}: {err:?}");
+        }
+        // Whatever a document's checksum holds, the path stays a plain file in the directory
+        // (and nothing panics on multi-byte characters).
+        for sha in ["ééééééééééééééééé", "../../../../etc/passwd", ""] {
+            let p = f.path_for("m", sha);
+            assert_eq!(p.parent(), Some(dir.as_path()), "{sha}");
+        }
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     }
 }

@@ -43,7 +43,7 @@ impl Open for TrustedKeys {
     fn open(&self, bytes: &[u8]) -> Result<String, Rejection> {
         let envelope: Envelope = serde_json::from_slice(bytes).map_err(|e| {
             Rejection::NotSigned(format!(
-                "the message is not a signed envelope ({e}); sign documents with `tether-agent fleet sign`"
+                "the message is not a signed envelope ({e}); sign documents with `tether fleet sign`"
             ))
         })?;
         if envelope.alg != ALG {

@@ -43,6 +43,9 @@ pub enum Rejection {
     UnknownKey(String),
     BadSignature(String),
     BadDocument(String),
+    /// Signed for another topic (a group's document replayed as the device's, or another
+    /// group's).
+    WrongTarget(String),
     /// At or below the version already taken, and not a rollback.
     Stale(String),
     Invalid(String),
@@ -62,6 +65,7 @@ impl Rejection {
             Rejection::UnknownKey(_) => "unknown_key",
             Rejection::BadSignature(_) => "bad_signature",
             Rejection::BadDocument(_) => "bad_document",
+            Rejection::WrongTarget(_) => "wrong_target",
             Rejection::Stale(_) => "stale_version",
             Rejection::Invalid(_) => "invalid",
             Rejection::Download(_) => "download_failed",
@@ -78,6 +82,7 @@ impl Rejection {
             | Rejection::UnknownKey(m)
             | Rejection::BadSignature(m)
             | Rejection::BadDocument(m)
+            | Rejection::WrongTarget(m)
             | Rejection::Stale(m)
             | Rejection::Invalid(m)
             | Rejection::Download(m)
@@ -92,6 +97,15 @@ impl Rejection {
     /// the version counts as taken so a retained copy is not tried again.
     fn is_health(&self) -> bool {
         matches!(self, Rejection::LoadFailed(_) | Rejection::Unhealthy(_))
+    }
+
+    /// Refused before its signature was verified: says nothing about any trusted document, so
+    /// it is reported without replacing the retained status.
+    fn is_unauthenticated(&self) -> bool {
+        matches!(
+            self,
+            Rejection::NotSigned(_) | Rejection::UnknownKey(_) | Rejection::BadSignature(_)
+        )
     }
 }
 
@@ -122,6 +136,10 @@ pub struct Status {
     /// The configuration in force after this outcome.
     pub config_version: Option<String>,
     pub ts_ms: i64,
+    /// Published retained (the device's standing status). Reports about input that was never
+    /// verified are not: junk must not replace what the operator reads.
+    #[serde(skip)]
+    pub retain: bool,
 }
 
 /// Changes the process's log filter (set up by `main`); tests run without one.
@@ -241,6 +259,9 @@ impl Fleet {
                 .open(&envelope)
                 .and_then(|p| Document::parse(&p));
             match opened {
+                Ok(doc) if doc.target != source.target(&self.cx.config.device_id) => {
+                    tracing::warn!(source = %row.source, target = %doc.target, "A saved fleet document was signed for another target; leaving it out.")
+                }
                 Ok(doc) => {
                     self.good.insert(source, Held { doc, envelope });
                 }
@@ -406,7 +427,9 @@ impl Fleet {
                 Some(r.message().to_owned()),
             ),
         };
+        let retain = !outcome.is_err_and(Rejection::is_unauthenticated);
         Status {
+            retain,
             device_id: self.cx.config.device_id.clone(),
             source: source.map(Source::label),
             version,
@@ -418,13 +441,19 @@ impl Fleet {
         }
     }
 
-    /// One message from a document topic; `None` when there is nothing to report (a retained
-    /// copy of what is already in force, or a cleared topic).
-    pub async fn handle(&mut self, topic: &str, payload: &[u8]) -> Option<Status> {
-        let source = self.cx.topics.source_of(topic)?;
+    /// One message from a document topic, and what to report: nothing for a retained copy of
+    /// what is already settled or a cleared topic; otherwise its outcome, preceded by the
+    /// outcome of a health check it cut short.
+    ///
+    /// Nothing that fails verification (signature, target, version) changes any fleet state:
+    /// not the running health check, not the versions taken, not the files kept.
+    pub async fn handle(&mut self, topic: &str, payload: &[u8]) -> Vec<Status> {
+        let Some(source) = self.cx.topics.source_of(topic) else {
+            return Vec::new();
+        };
         if payload.is_empty() {
             tracing::info!(source = %source.label(), "A fleet document topic was cleared; the configuration in force stays (publish a new version to change it).");
-            return None;
+            return Vec::new();
         }
         if self.settled.get(&source).is_some_and(|p| p == payload)
             || self
@@ -432,16 +461,13 @@ impl Fleet {
                 .get(&source)
                 .is_some_and(|h| h.envelope == payload)
         {
-            return None;
+            return Vec::new();
         }
-        // A new document while a health check runs: judge the last switch on what ran so far.
-        self.settle(true).await;
-        let opened = self.cx.keys.open(payload).and_then(|p| Document::parse(&p));
-        let doc = match opened {
-            Ok(d) => d,
-            Err(r) => {
+        let doc = match self.verify(&source, payload) {
+            Ok(doc) => doc,
+            Err((version, r)) => {
                 tracing::warn!(source = %source.label(), code = r.code(), error = %r, "Fleet document rejected.");
-                return Some(self.status(Some(&source), None, Err(&r)));
+                return vec![self.status(Some(&source), version, Err(&r))];
             }
         };
         let version = doc.version;
@@ -453,27 +479,12 @@ impl Fleet {
                 source.label()
             ));
             tracing::warn!(error = %r, "Fleet document not applied again.");
-            return Some(self.status(Some(&source), Some(version), Err(&r)));
+            return vec![self.status(Some(&source), Some(version), Err(&r))];
         }
         let seen = self.seen.get(&source).copied().unwrap_or(0);
-        if version <= seen {
-            let why = match doc.rollback_from {
-                Some(from) if from == seen => None,
-                Some(from) => Some(format!(
-                    "this rollback replaces version {from}, but the version taken from {} is {seen}: a rollback only replaces the version it names",
-                    source.label()
-                )),
-                None => Some(format!(
-                    "version {version} from {} is not newer than version {seen}, already taken; to go back, sign a document with \"rollback\": true and \"rollback_from\": {seen}",
-                    source.label()
-                )),
-            };
-            if let Some(why) = why {
-                let r = Rejection::Stale(why);
-                tracing::warn!(code = r.code(), error = %r, "Fleet document rejected.");
-                return Some(self.status(Some(&source), Some(version), Err(&r)));
-            }
-        }
+        // A verified, applicable document while a health check runs: judge the last switch on
+        // what ran so far, and report that before the new outcome.
+        let mut out: Vec<Status> = self.settle(true).await.into_iter().collect();
         let mut candidate = self.in_force.clone();
         candidate.insert(
             source.clone(),
@@ -504,18 +515,65 @@ impl Fleet {
                 });
                 self.save().await;
                 tracing::info!(source = %source.label(), version, config_version = self.cx.live.get().config_version.as_deref().unwrap_or("local"), "Fleet configuration applied; health check running.");
-                Some(self.status(Some(&source), Some(version), Ok(())))
+                out.push(self.status(Some(&source), Some(version), Ok(())));
             }
             Err(r) => {
                 if r.is_health() {
                     self.seen.insert(source.clone(), seen.max(version));
-                    self.settled.insert(source.clone(), payload.to_vec());
                     self.save().await;
                 }
+                // Settled either way: the same document arriving again (every reconnection
+                // brings the retained copy) is not tried again; a new version or signature is.
+                self.settled.insert(source.clone(), payload.to_vec());
                 tracing::warn!(source = %source.label(), version, code = r.code(), error = %r, "Fleet document not applied; the configuration in force keeps serving.");
-                Some(self.status(Some(&source), Some(version), Err(&r)))
+                out.push(self.status(Some(&source), Some(version), Err(&r)));
             }
         }
+        out
+    }
+
+    /// The envelope opened, the document parsed, its target and version checked: a document
+    /// this device may apply from `source`, or why not (with its version once known).
+    fn verify(
+        &self,
+        source: &Source,
+        payload: &[u8],
+    ) -> Result<Document, (Option<u64>, Rejection)> {
+        let doc = self
+            .cx
+            .keys
+            .open(payload)
+            .and_then(|p| Document::parse(&p))
+            .map_err(|r| (None, r))?;
+        let version = doc.version;
+        let expected = source.target(&self.cx.config.device_id);
+        if doc.target != expected {
+            return Err((
+                Some(version),
+                Rejection::WrongTarget(format!(
+                    "this document was signed for `{}` but arrived on the topic of `{expected}`; sign one for `{expected}` (tether fleet sign --target {expected})",
+                    doc.target
+                )),
+            ));
+        }
+        let seen = self.seen.get(source).copied().unwrap_or(0);
+        if version <= seen && self.interrupted.get(source) != Some(&version) {
+            let why = match doc.rollback_from {
+                Some(from) if from == seen => None,
+                Some(from) => Some(format!(
+                    "this rollback replaces version {from}, but the version taken from {} is {seen}: a rollback only replaces the version it names",
+                    source.label()
+                )),
+                None => Some(format!(
+                    "version {version} from {} is not newer than version {seen}, already taken; to go back, sign a document with \"rollback\": true and \"rollback_from\": {seen}",
+                    source.label()
+                )),
+            };
+            if let Some(why) = why {
+                return Err((Some(version), Rejection::Stale(why)));
+            }
+        }
+        Ok(doc)
     }
 
     /// Judges a running health check; `now` judges it on what ran so far.
@@ -611,8 +669,11 @@ impl Fleet {
         loop {
             let status = tokio::select! {
                 () = stop.cancelled() => {
-                    // A clean stop is no failure: judge a running health check on what ran.
-                    self.settle(true).await;
+                    // A clean stop is no failure: judge a running health check on what ran,
+                    // and say so.
+                    if let Some(s) = self.settle(true).await {
+                        publish_status(&client, &status_topic, &s);
+                    }
                     return;
                 }
                 m = rx.recv() => {
@@ -623,15 +684,27 @@ impl Fleet {
                     m.ticket.commit();
                     s
                 }
-                _ = tick.tick() => self.settle(false).await,
+                _ = tick.tick() => self.settle(false).await.into_iter().collect(),
             };
-            if let Some(s) = status
-                && let Ok(body) = serde_json::to_vec(&s)
-                && let Err(e) = client.try_publish_retained(&status_topic, body)
-            {
-                tracing::warn!(error = %e, "Cannot publish the configuration status.");
+            for s in &status {
+                publish_status(&client, &status_topic, s);
             }
         }
+    }
+}
+
+/// Publishes a status: retained when it is the device's standing status, plain otherwise.
+fn publish_status(client: &Client, topic: &str, status: &Status) {
+    let Ok(body) = serde_json::to_vec(status) else {
+        return;
+    };
+    let sent = if status.retain {
+        client.try_publish_retained(topic, body)
+    } else {
+        client.try_publish_volatile(topic, body)
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "Cannot publish the configuration status.");
     }
 }
 
