@@ -49,6 +49,8 @@ def configs(a):
                             what="baseline, 1 process, paho's default socket (Nagle on)"),
         "tether": dict(cmd=tether, prefix="tether/dev1", procs=1,
                        what="tether-agent run, default workers, result cache off (every request runs the model)"),
+        "tether-full": dict(cmd=tether + ["--synchronous", "full"], prefix="tether/dev1", procs=1,
+                            what="tether-agent run, store.synchronous = \"full\" (WAL synced per commit)"),
         "tether1": dict(cmd=tether + ["--workers", "1"], prefix="tether/dev1", procs=1,
                         what="tether-agent run, 1 inference worker, result cache off"),
         "tether-cache": dict(cmd=tether + ["--cache"], prefix="tether/dev1", procs=1,
