@@ -46,8 +46,9 @@ pub struct RawLimits {
     /// Open connections at most; more wait in the listen backlog.
     pub max_connections: usize,
     /// Request bodies being parsed at once, in bytes: a large body waits its turn rather than
-    /// adding its parse to everyone else's memory.
-    pub max_parse_bytes: usize,
+    /// adding its parse to everyone else's memory (default: `max_body_bytes`, so one body of
+    /// the largest size is parsed at a time).
+    pub max_parse_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,7 +131,7 @@ impl Default for RawLimits {
             request_timeout_ms: 10_000,
             header_timeout_ms: 10_000,
             max_connections: 1024,
-            max_parse_bytes: 128 << 20,
+            max_parse_bytes: None,
         }
     }
 }
@@ -258,10 +259,14 @@ impl RawConfig {
         if !(1..=1_000_000).contains(&self.limits.max_connections) {
             errors.push("limits.max_connections must be from 1 to 1000000".into());
         }
-        if self.limits.max_parse_bytes < self.limits.max_body_bytes {
+        let max_parse_bytes = self
+            .limits
+            .max_parse_bytes
+            .unwrap_or(self.limits.max_body_bytes);
+        if max_parse_bytes < self.limits.max_body_bytes {
             errors.push(format!(
-                "limits.max_parse_bytes ({}) must be at least limits.max_body_bytes ({}), or the largest body could never be parsed",
-                self.limits.max_parse_bytes, self.limits.max_body_bytes
+                "limits.max_parse_bytes ({max_parse_bytes}) must be at least limits.max_body_bytes ({}), or the largest body could never be parsed",
+                self.limits.max_body_bytes
             ));
         }
         let batching = check_batching("batching", &self.batching, &mut errors);
@@ -348,7 +353,7 @@ impl RawConfig {
                 request_timeout: Duration::from_millis(self.limits.request_timeout_ms),
                 header_timeout: Duration::from_millis(self.limits.header_timeout_ms),
                 max_connections: self.limits.max_connections,
-                max_parse_bytes: self.limits.max_parse_bytes,
+                max_parse_bytes,
                 batching,
                 models,
                 tokens: self
@@ -403,6 +408,8 @@ mod tests {
         assert_eq!(c.variant, models::Variant::Cloud);
         assert!(c.tokens.is_empty());
         assert_eq!(c.batching.max_batch_size, 8);
+        assert_eq!(c.max_parse_bytes, c.max_body_bytes);
+        assert_eq!(c.header_timeout, Duration::from_secs(10));
     }
 
     #[test]
@@ -411,6 +418,12 @@ mod tests {
             r#"
 listen = "nowhere"
 variant = "edge"
+[limits]
+request_timeout_ms = 0
+header_timeout_ms = 0
+max_connections = 0
+max_body_bytes = 4096
+max_parse_bytes = 2048
 [batching]
 max_batch_size = 0
 [models.digits]
@@ -427,6 +440,10 @@ sha256 = "abc"
             "listen `nowhere`",
             "unknown variant `edge`",
             "max_batch_size is 0",
+            "request_timeout_ms must be from 1",
+            "header_timeout_ms must be from 1",
+            "max_connections must be from 1",
+            "max_parse_bytes (2048) must be at least limits.max_body_bytes (4096)",
             "must be an http://",
             "64 hex digits",
         ] {

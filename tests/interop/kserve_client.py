@@ -36,11 +36,12 @@ async def run(url, zoo):
         variant = "cloud" if model in ("digits", "vibration") else "device"
         golden = json.loads((zoo / "golden" / f"{model}.{variant}.response.json").read_text())
         result = await client.infer(url, request, model_name=model)
-        outputs = {o["name"]: o for o in result["outputs"]}
+        check(result.model_name == model, f"{model} response names its model")
+        outputs = {o.name: o for o in result.outputs}
         for o in golden["outputs"]:
             got = outputs.get(o["name"])
             check(got is not None, f"{model} answers {o['name']}")
-            got = np.array(got["data"], dtype=np.float32).reshape(got["shape"])
+            got = np.asarray(got.as_numpy(), dtype=np.float32)
             want = np.array(o["data"], dtype=np.float32).reshape(o["shape"])
             check(got.shape == want.shape, f"{model} {o['name']} shape")
             err = float(np.abs(got - want).max())
