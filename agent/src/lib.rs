@@ -11,6 +11,7 @@ pub mod broker;
 pub mod cli;
 pub mod cloud;
 pub mod config;
+pub mod exit;
 pub mod fleet;
 pub mod infer;
 pub mod live;

@@ -148,7 +148,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(agent::exit::code_for(&e))
         }
     }
 }
@@ -246,7 +246,9 @@ fn run_agent(
         raw.metrics.listen = metrics;
     }
     if let Some(p) = policy {
-        raw.policy.mode = p.parse().map_err(anyhow::Error::msg)?;
+        raw.policy.mode = p
+            .parse()
+            .map_err(|e| agent::config::ConfigErrors(vec![format!("--policy: {e}")]))?;
     }
     if models.is_some() {
         raw.models_dir = models;

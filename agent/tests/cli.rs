@@ -142,3 +142,41 @@ fn bad_input_is_a_sentence_and_a_failure_status() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+#[test]
+fn start_failures_exit_with_codes_a_service_manager_can_act_on() {
+    let dir = std::env::temp_dir().join(format!("tether-cli-exit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("agent.toml");
+    // 78 (EX_CONFIG): systemd's RestartPreventExitStatus=78 stops the restart loop.
+    std::fs::write(&bad, "[inference]\nworkers = 0\nqueue = 0\n").unwrap();
+    let out = agent(&["run", "--config", bad.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("the configuration is invalid"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(&bad, "this is not = = toml").unwrap();
+    let out = agent(&["run", "--config", bad.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    let missing = dir.join("missing.toml");
+    let out = agent(&["run", "--config", missing.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    let out = agent(&["run", "--policy", "sideways"], None);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    // 69 (EX_UNAVAILABLE): the metrics port is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    std::fs::write(
+        &bad,
+        format!(
+            "device_id = \"exit-test\"\n[store]\npath = \"{}\"\n[metrics]\nlisten = \"{addr}\"\n",
+            dir.join("tether.db").display()
+        ),
+    )
+    .unwrap();
+    let out = agent(&["run", "--config", bad.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
