@@ -352,8 +352,12 @@ async fn auth_tokens_forbidden_models_and_rate_limits() {
     );
     assert_eq!(call(&state, infer(Some("tok-1"))).await.0, StatusCode::OK);
     assert_eq!(call(&state, infer(Some("tok-1"))).await.0, StatusCode::OK);
-    let (s, _, b) = call(&state, infer(Some("tok-1"))).await;
+    let (s, h, b) = call(&state, infer(Some("tok-1"))).await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        h.get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
     assert!(error_of(&serde_json::from_slice(&b).unwrap()).contains("over its rate limit"));
     // Health stays open for load balancers.
     assert_eq!(get(&state, "/v2/health/ready").await.0, StatusCode::OK);

@@ -33,31 +33,57 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Environment variables that override keys of agent.toml: `(variable, dotted key)`.
-pub const ENV_OVERRIDES: &[(&str, &str)] = &[
-    ("TETHER_DEVICE_ID", "device_id"),
-    ("TETHER_TOPIC_PREFIX", "topic_prefix"),
-    ("TETHER_POOL", "pool"),
-    ("TETHER_MODELS", "models_dir"),
-    ("TETHER_MQTT_BROKER", "mqtt.broker"),
-    ("TETHER_MQTT_PROTOCOL", "mqtt.protocol"),
-    ("TETHER_MQTT_CLIENT_ID", "mqtt.client_id"),
-    ("TETHER_MQTT_USERNAME", "mqtt.username"),
-    ("TETHER_MQTT_PASSWORD", "mqtt.password"),
-    ("TETHER_MQTT_CA_FILE", "mqtt.ca_file"),
-    ("TETHER_MQTT_CLIENT_CERT", "mqtt.client_cert"),
-    ("TETHER_MQTT_CLIENT_KEY", "mqtt.client_key"),
-    ("TETHER_MQTT_MAX_PAYLOAD_BYTES", "mqtt.max_payload_bytes"),
-    ("TETHER_INFERENCE_WORKERS", "inference.workers"),
-    ("TETHER_INFERENCE_QUEUE", "inference.queue"),
-    ("TETHER_EMBEDDED_BROKER_LISTEN", "embedded_broker.listen"),
-    ("TETHER_SHUTDOWN_GRACE_MS", "shutdown_grace_ms"),
-    ("TETHER_STORE_PATH", "store.path"),
-    ("TETHER_RELAY_URL", "relay.url"),
-    ("TETHER_RELAY_TOKEN_FILE", "relay.token_file"),
-    ("TETHER_POLICY_MODE", "policy.mode"),
-    ("TETHER_METRICS_LISTEN", "metrics.listen"),
-    ("TETHER_STORE_SYNCHRONOUS", "store.synchronous"),
+/// Environment variables that override keys of agent.toml: `(variable, dotted key, type)`.
+/// A value is typed by its key, never by how it looks: `TETHER_DEVICE_ID=1234` is the string
+/// "1234", `TETHER_INFERENCE_WORKERS=x` an error naming the variable.
+pub const ENV_OVERRIDES: &[(&str, &str, EnvType)] = &[
+    ("TETHER_DEVICE_ID", "device_id", EnvType::Text),
+    ("TETHER_TOPIC_PREFIX", "topic_prefix", EnvType::Text),
+    ("TETHER_POOL", "pool", EnvType::Text),
+    ("TETHER_MODELS", "models_dir", EnvType::Text),
+    ("TETHER_MQTT_BROKER", "mqtt.broker", EnvType::Text),
+    ("TETHER_MQTT_PROTOCOL", "mqtt.protocol", EnvType::Text),
+    ("TETHER_MQTT_CLIENT_ID", "mqtt.client_id", EnvType::Text),
+    ("TETHER_MQTT_USERNAME", "mqtt.username", EnvType::Text),
+    ("TETHER_MQTT_PASSWORD", "mqtt.password", EnvType::Text),
+    ("TETHER_MQTT_CA_FILE", "mqtt.ca_file", EnvType::Text),
+    ("TETHER_MQTT_CLIENT_CERT", "mqtt.client_cert", EnvType::Text),
+    ("TETHER_MQTT_CLIENT_KEY", "mqtt.client_key", EnvType::Text),
+    (
+        "TETHER_MQTT_MAX_PAYLOAD_BYTES",
+        "mqtt.max_payload_bytes",
+        EnvType::Integer,
+    ),
+    (
+        "TETHER_INFERENCE_WORKERS",
+        "inference.workers",
+        EnvType::Integer,
+    ),
+    (
+        "TETHER_INFERENCE_QUEUE",
+        "inference.queue",
+        EnvType::Integer,
+    ),
+    (
+        "TETHER_EMBEDDED_BROKER_LISTEN",
+        "embedded_broker.listen",
+        EnvType::Text,
+    ),
+    (
+        "TETHER_SHUTDOWN_GRACE_MS",
+        "shutdown_grace_ms",
+        EnvType::Integer,
+    ),
+    ("TETHER_STORE_PATH", "store.path", EnvType::Text),
+    ("TETHER_RELAY_URL", "relay.url", EnvType::Text),
+    ("TETHER_RELAY_TOKEN_FILE", "relay.token_file", EnvType::Text),
+    ("TETHER_POLICY_MODE", "policy.mode", EnvType::Text),
+    ("TETHER_METRICS_LISTEN", "metrics.listen", EnvType::Text),
+    (
+        "TETHER_STORE_SYNCHRONOUS",
+        "store.synchronous",
+        EnvType::Text,
+    ),
 ];
 
 /// agent.toml as written. Every key has a default, so an empty file (or none) works on a laptop.
@@ -210,10 +236,18 @@ impl RawConfig {
             None => toml::Table::new(),
         };
         let mut errors = Vec::new();
-        for (var, key) in ENV_OVERRIDES {
+        for (var, key, kind) in ENV_OVERRIDES {
             if let Some(text) = env(var) {
-                set_dotted(&mut value, key, env_value(&text));
+                match env_value(&text, *kind) {
+                    Some(v) => set_dotted(&mut value, key, v),
+                    None => errors.push(format!(
+                        "{var}=`{text}` is not a whole number, which {key} must be"
+                    )),
+                }
             }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
         }
         let raw: RawConfig =
             toml::Value::Table(value)
@@ -365,15 +399,18 @@ fn parse_addr(what: &str, s: &str, errors: &mut Vec<String>) -> Option<SocketAdd
     }
 }
 
-/// An environment value as TOML would read it: integers and booleans typed, the rest strings.
-fn env_value(text: &str) -> toml::Value {
-    if let Ok(i) = text.parse::<i64>() {
-        return toml::Value::Integer(i);
-    }
-    match text {
-        "true" => toml::Value::Boolean(true),
-        "false" => toml::Value::Boolean(false),
-        _ => toml::Value::String(text.to_owned()),
+/// What an overridable key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvType {
+    Text,
+    Integer,
+}
+
+/// An environment value as its key's type; `None` when it is not one.
+fn env_value(text: &str, kind: EnvType) -> Option<toml::Value> {
+    match kind {
+        EnvType::Text => Some(toml::Value::String(text.to_owned())),
+        EnvType::Integer => text.trim().parse::<i64>().ok().map(toml::Value::Integer),
     }
 }
 
@@ -515,6 +552,31 @@ queue = 0
             ("broker.local", 2883)
         );
         assert_eq!(cfg.inference.workers, 1);
+    }
+
+    #[test]
+    fn environment_values_are_typed_by_their_key() {
+        // Numeric-looking values of text keys stay text.
+        let env = |k: &str| match k {
+            "TETHER_DEVICE_ID" => Some("1234".to_owned()),
+            "TETHER_MQTT_PASSWORD" => Some("123456".to_owned()),
+            "TETHER_MQTT_USERNAME" => Some("true".to_owned()),
+            "TETHER_SHUTDOWN_GRACE_MS" => Some(" 250 ".to_owned()),
+            _ => None,
+        };
+        let raw = RawConfig::load(None, env).unwrap();
+        assert_eq!(raw.mqtt.password.as_deref(), Some("123456"));
+        assert_eq!(raw.mqtt.username.as_deref(), Some("true"));
+        let cfg = raw.validate(|| None).unwrap();
+        assert_eq!(cfg.device_id, "1234");
+        assert_eq!(cfg.shutdown_grace, Duration::from_millis(250));
+        // A number key given text is named.
+        let env = |k: &str| (k == "TETHER_INFERENCE_WORKERS").then(|| "four".to_owned());
+        let err = RawConfig::load(None, env).unwrap_err().to_string();
+        assert!(
+            err.contains("TETHER_INFERENCE_WORKERS=`four` is not a whole number"),
+            "{err}"
+        );
     }
 
     #[test]
