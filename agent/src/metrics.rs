@@ -37,10 +37,10 @@ struct Inner {
     latency: Histograms,
     queue_depth: Gauge,
     in_service: Gauge,
-    cache_hits: Gauge,
-    cache_misses: Gauge,
+    cache_hits: Counter,
+    cache_misses: Counter,
     outbox_rows: Gauge,
-    outbox_dropped: Gauge,
+    outbox_dropped: Counter,
     circuit_open: Gauge,
     errors: Family<Labels, Counter>,
     panics: Family<Labels, Counter>,
@@ -51,8 +51,10 @@ struct Inner {
     late: Counter,
     inline: Counter,
     engine_fallbacks: Family<Labels, Counter>,
-    outbox_expired: Gauge,
-    outbox_refused: Gauge,
+    outbox_expired: Counter,
+    outbox_refused: Counter,
+    /// Held while a scrape brings the counters kept by the store up to date.
+    scrape: std::sync::Mutex<()>,
     /// Since the last telemetry message.
     window: std::sync::Mutex<Window>,
 }
@@ -84,15 +86,9 @@ impl Default for Metrics {
         let routes = Family::<Labels, Counter>::default();
         let latency: Histograms = Family::new_with_constructor(latency_histogram);
         let g = Gauge::default;
-        let (
-            queue_depth,
-            in_service,
-            cache_hits,
-            cache_misses,
-            outbox_rows,
-            outbox_dropped,
-            circuit_open,
-        ) = (g(), g(), g(), g(), g(), g(), g());
+        let (queue_depth, in_service, outbox_rows, circuit_open) = (g(), g(), g(), g());
+        let (cache_hits, cache_misses, outbox_dropped) =
+            (Counter::default(), Counter::default(), Counter::default());
         registry.register(
             "requests",
             "Requests answered or refused, by route (local, cache, cloud, reject) and reason",
@@ -113,16 +109,8 @@ impl Default for Metrics {
             "Requests a local worker is running",
             in_service.clone(),
         );
-        registry.register(
-            "cache_hits",
-            "Result cache hits since start",
-            cache_hits.clone(),
-        );
-        registry.register(
-            "cache_misses",
-            "Result cache misses since start",
-            cache_misses.clone(),
-        );
+        registry.register("cache_hits", "Result cache hits", cache_hits.clone());
+        registry.register("cache_misses", "Result cache misses", cache_misses.clone());
         registry.register(
             "outbox_rows",
             "Messages waiting in the outbox",
@@ -130,7 +118,7 @@ impl Default for Metrics {
         );
         registry.register(
             "outbox_dropped",
-            "Messages ever dropped because the outbox was full",
+            "Messages dropped because the outbox was full",
             outbox_dropped.clone(),
         );
         registry.register(
@@ -192,16 +180,16 @@ impl Default for Metrics {
             "Models whose accelerated runtime failed at run time and now run on the CPU",
             engine_fallbacks.clone(),
         );
-        let outbox_expired = Gauge::default();
+        let outbox_expired = Counter::default();
         registry.register(
             "outbox_expired",
-            "Stored replies not published because their requester's expiry passed (since start)",
+            "Stored replies not published because their requester's expiry passed",
             outbox_expired.clone(),
         );
-        let outbox_refused = Gauge::default();
+        let outbox_refused = Counter::default();
         registry.register(
             "outbox_refused",
-            "Stored messages dropped because the broker refused them (since start)",
+            "Stored messages dropped because the broker refused them",
             outbox_refused.clone(),
         );
         Metrics {
@@ -227,6 +215,7 @@ impl Default for Metrics {
                 engine_fallbacks,
                 outbox_expired,
                 outbox_refused,
+                scrape: std::sync::Mutex::new(()),
                 window: Default::default(),
             }),
         }
@@ -350,18 +339,21 @@ impl Metrics {
         i.queue_depth.set(snap.queue_depth as i64);
         i.in_service.set(snap.in_service as i64);
         i.circuit_open.set(snap.circuit);
-        i.cache_hits
-            .set(as_i64(store.cache_hits.load(Ordering::Relaxed)));
-        i.cache_misses
-            .set(as_i64(store.cache_misses.load(Ordering::Relaxed)));
         i.outbox_rows
             .set(as_i64(store.outbox_rows.load(Ordering::Relaxed)));
-        i.outbox_dropped
-            .set(as_i64(store.outbox_dropped.load(Ordering::Relaxed)));
-        i.outbox_expired
-            .set(as_i64(store.outbox_expired.load(Ordering::Relaxed)));
-        i.outbox_refused
-            .set(as_i64(store.outbox_refused.load(Ordering::Relaxed)));
+        // The store keeps these as running totals; the counters catch up to them (under a lock,
+        // so two scrapes at once cannot both add the same difference).
+        let _scrape = i.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        for (counter, total) in [
+            (&i.cache_hits, &store.cache_hits),
+            (&i.cache_misses, &store.cache_misses),
+            (&i.outbox_dropped, &store.outbox_dropped),
+            (&i.outbox_expired, &store.outbox_expired),
+            (&i.outbox_refused, &store.outbox_refused),
+        ] {
+            let total = total.load(Ordering::Relaxed);
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
         let mut out = String::new();
         if encode(&mut out, &i.registry).is_err() {
             out.clear();

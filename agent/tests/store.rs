@@ -245,7 +245,7 @@ async fn metrics_count_routes_cache_hits_and_the_outbox() {
     for line in [
         r#"tether_agent_requests_total{route="local",reason="within_budget"} 1"#,
         r#"tether_agent_requests_total{route="cache",reason="cached"} 2"#,
-        "tether_agent_cache_hits 2",
+        "tether_agent_cache_hits_total 2",
         "tether_agent_relay_circuit -1",
         "tether_agent_queue_depth 0",
     ] {
