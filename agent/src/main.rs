@@ -31,12 +31,24 @@ struct Cli {
 /// Which database the `cache` and `outbox` commands open.
 #[derive(Debug, clap::Args)]
 struct DbArgs {
-    /// The database file (default: store.path of --config, else tether.db).
+    /// The database file (default: store.path of the configuration, else found as the service
+    /// finds it: $STATE_DIRECTORY, /var/lib/tether, the working directory).
     #[arg(long, global = true, value_name = "PATH")]
     db: Option<PathBuf>,
-    /// agent.toml, to find the database in.
+    /// agent.toml, to find the database in (default: $TETHER_CONFIG,
+    /// $CONFIGURATION_DIRECTORY/agent.toml, /etc/tether/agent.toml).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigAction {
+    /// Validate agent.toml with the environment's overrides; print every problem and exit 78
+    /// on any.
+    Check {
+        /// The file (default: found as `run` finds it).
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,7 +83,8 @@ enum OutboxAction {
 enum Command {
     /// Connect to an MQTT broker and serve inference requests until SIGINT or SIGTERM.
     Run {
-        /// agent.toml; every key is optional (see README.md).
+        /// agent.toml; every key is optional (see README.md). Default: $TETHER_CONFIG, else
+        /// $CONFIGURATION_DIRECTORY/agent.toml, else /etc/tether/agent.toml, else none.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         #[command(flatten)]
@@ -90,6 +103,11 @@ enum Command {
         action: OutboxAction,
         #[command(flatten)]
         db: DbArgs,
+    },
+    /// Check a configuration file without starting the agent.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
     },
     /// List the models of the zoo, one line per variant file.
     Models {
@@ -158,6 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, flags } => run_agent(models, config, flags),
         Command::Cache { action, db } => cache_command(action, &db),
+        Command::Config { action } => config_command(action),
         Command::Outbox { action, db } => outbox_command(action, &db),
         Command::Models { check } => models_table(&agent::models_dir(models), check),
         Command::Infer {
@@ -229,6 +248,7 @@ fn run_agent(
         metrics,
         policy,
     } = flags;
+    let config = find_config(config.as_deref());
     let mut raw = RawConfig::load(config.as_deref(), |k| std::env::var(k).ok())?;
     if db.is_some() {
         raw.store.path = db;
@@ -415,8 +435,39 @@ fn infer(
 }
 
 /// The store configuration the `cache` and `outbox` commands use.
+/// agent.toml as every subcommand finds it (agent::config::discover), said in the log.
+fn find_config(explicit: Option<&std::path::Path>) -> Option<PathBuf> {
+    let found =
+        agent::config::discover::config_file(explicit, &|k| std::env::var(k).ok(), &|p| p.exists());
+    match &found {
+        Some(p) => tracing::info!(path = %p.display(), "Configuration file."),
+        None => tracing::info!(
+            "No configuration file (none given, none in $TETHER_CONFIG, $CONFIGURATION_DIRECTORY or /etc/tether): running on defaults and the environment."
+        ),
+    }
+    found
+}
+
+/// `config check`: every problem of a configuration, or that it is valid.
+fn config_command(action: ConfigAction) -> anyhow::Result<()> {
+    let ConfigAction::Check { file } = action;
+    let file = find_config(file.as_deref());
+    let raw = RawConfig::load(file.as_deref(), |k| std::env::var(k).ok())?;
+    let cfg = raw.validate(|| hostname::get().ok().and_then(|h| h.into_string().ok()))?;
+    let name = file.map_or_else(|| "the defaults".to_owned(), |f| f.display().to_string());
+    println!(
+        "{name}: valid (device {}, broker {}:{}, database {}).",
+        cfg.device_id,
+        cfg.mqtt.host,
+        cfg.mqtt.port,
+        cfg.store.path.display()
+    );
+    Ok(())
+}
+
 fn store_config(args: &DbArgs) -> anyhow::Result<agent::config::StoreConfig> {
-    let mut raw = RawConfig::load(args.config.as_deref(), |k| std::env::var(k).ok())?;
+    let config = find_config(args.config.as_deref());
+    let mut raw = RawConfig::load(config.as_deref(), |k| std::env::var(k).ok())?;
     if args.db.is_some() {
         raw.store.path = args.db.clone();
     }

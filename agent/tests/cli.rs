@@ -180,3 +180,59 @@ fn start_failures_exit_with_codes_a_service_manager_can_act_on() {
     assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn config_check_finds_the_file_as_run_does_and_names_every_problem() {
+    let dir = std::env::temp_dir().join(format!("tether-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let check = |args: &[&str], env: &[(&str, &std::path::Path)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether-agent"));
+        cmd.args(args)
+            .env("TETHER_MODELS", models::default_zoo_dir())
+            .env("RUST_LOG", "warn")
+            .env_remove("TETHER_CONFIG")
+            .env_remove("CONFIGURATION_DIRECTORY");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "device_id = \"pi-9\"\n[mqtt]\nbroker = \"mqtt://broker.lan:1883\"\n",
+    )
+    .unwrap();
+    let out = check(&["config", "check", good.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("valid (device pi-9, broker broker.lan:1883"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Found through $TETHER_CONFIG, then through systemd's $CONFIGURATION_DIRECTORY.
+    let out = check(&["config", "check"], &[("TETHER_CONFIG", &good)]);
+    assert!(
+        text(&out.stdout).contains("good.toml: valid"),
+        "{}",
+        text(&out.stdout)
+    );
+    std::fs::copy(&good, dir.join("agent.toml")).unwrap();
+    let out = check(&["config", "check"], &[("CONFIGURATION_DIRECTORY", &dir)]);
+    assert!(
+        text(&out.stdout).contains("agent.toml: valid"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Every problem at once, exit 78.
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "device_id = \"a/b\"\n[inference]\nworkers = 0\n").unwrap();
+    let out = check(&["config", "check", bad.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("device_id") && err.contains("inference.workers"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -5,6 +5,7 @@
 //! One file per section. Configuration sits below every component: it imports nothing from the
 //! rest of the agent, and the components read their typed sections from here.
 
+pub mod discover;
 mod fleet;
 mod inference;
 mod mqtt;
@@ -200,17 +201,9 @@ pub struct EmbeddedBrokerConfig {
     pub connect: bool,
 }
 
-/// Where the model zoo is: the explicit choice, else `./models/zoo` when run from a checkout,
-/// else the zoo of the source tree this binary was built from.
+/// Where the model zoo is: the explicit choice, else as [`discover::zoo`] finds it.
 pub fn models_dir(explicit: Option<PathBuf>) -> PathBuf {
-    if let Some(dir) = explicit {
-        return dir;
-    }
-    let local = PathBuf::from("models/zoo");
-    if local.join(models::manifest::MANIFEST_FILE).exists() {
-        return local;
-    }
-    models::default_zoo_dir()
+    explicit.unwrap_or_else(|| discover::zoo(&|p: &Path| p.exists()))
 }
 
 /// Every problem found, one sentence each.

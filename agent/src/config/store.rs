@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct RawStore {
     /// The database file (default: `tether.db` in `$STATE_DIRECTORY` when systemd sets it, else
-    /// in the working directory). Its `-wal` and `-shm` companions live beside it.
+    /// in /var/lib/tether when the service's database is there, else in the working directory).
+    /// Its `-wal` and `-shm` companions live beside it.
     pub path: Option<PathBuf>,
     /// `normal` (default): a commit survives the agent being killed, and the database survives
     /// power loss intact, but the last commits before a power cut may roll back. `full`: every
@@ -214,21 +215,9 @@ pub struct HistoryConfig {
     pub max_rows: u64,
 }
 
-/// The database file when `store.path` is not set.
+/// The database file when `store.path` is not set (see [`super::discover::store_path`]).
 pub fn default_store_path() -> PathBuf {
-    match std::env::var_os("STATE_DIRECTORY") {
-        // systemd may pass several, colon-separated; the first is ours.
-        Some(dirs) => {
-            let first = dirs
-                .to_string_lossy()
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .to_owned();
-            PathBuf::from(first).join("tether.db")
-        }
-        None => PathBuf::from("tether.db"),
-    }
+    super::discover::store_path(&|k| std::env::var(k).ok(), &|p| p.exists())
 }
 
 impl RawStore {
