@@ -147,14 +147,29 @@ fn main() -> std::process::ExitCode {
     let initial_text = initial.to_string();
     // The filter can be swapped at run time: fleet documents may set `log_level`.
     let (filter, handle) = reload::Layer::new(initial);
+    type Output = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+    // JSON lines on request; the journal, with priorities, when systemd connected stderr to
+    // it (it sets JOURNAL_STREAM); plain text otherwise.
+    let json = std::env::var("TETHER_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let journal = if json || std::env::var_os("JOURNAL_STREAM").is_none() {
+        None
+    } else {
+        tracing_journald::layer().ok()
+    };
+    let output: Output = match (json, journal) {
+        (true, _) => fmt::layer().json().with_writer(std::io::stderr).boxed(),
+        (false, Some(journal)) => journal
+            .with_syslog_identifier("tether-agent".into())
+            .boxed(),
+        (false, None) => fmt::layer()
+            .with_writer(std::io::stderr)
+            // Colours only on a terminal: logs that go to files stay plain.
+            .with_ansi(std::io::stderr().is_terminal())
+            .boxed(),
+    };
     tracing_subscriber::registry()
+        .with(output)
         .with(filter)
-        .with(
-            fmt::layer()
-                .with_writer(std::io::stderr)
-                // Colours only on a terminal: logs that go to files and journald stay plain.
-                .with_ansi(std::io::stderr().is_terminal()),
-        )
         .init();
     agent::set_log_control(std::sync::Arc::new(move |level: Option<&str>| {
         let filter =

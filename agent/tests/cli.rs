@@ -236,3 +236,30 @@ fn config_check_finds_the_file_as_run_does_and_names_every_problem() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn logs_are_json_lines_on_request() {
+    let dir = std::env::temp_dir().join(format!("tether-cli-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("agent.toml");
+    std::fs::write(&file, "device_id = \"pi-1\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+        .args(["config", "check", file.to_str().unwrap()])
+        .env("TETHER_MODELS", models::default_zoo_dir())
+        .env("RUST_LOG", "info")
+        .env("TETHER_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "INFO" && l["fields"]["message"] == "Configuration file."),
+        "{lines:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
