@@ -359,15 +359,15 @@ impl Drop for AliveGuard {
 
 /// The local queue's depth, readable from anywhere.
 #[derive(Debug, Clone)]
-pub struct QueueProbe(flume::Sender<Job>);
+pub struct QueueProbe(flume::WeakSender<Job>);
 
 impl QueueProbe {
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.upgrade().map_or(0, |s| s.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 }
 
@@ -462,7 +462,9 @@ impl Pipeline {
 
     /// Reads the local queue's depth, for metrics.
     pub fn probe(&self) -> QueueProbe {
-        QueueProbe(self.jobs_tx.clone())
+        // Weak: a probe held by /metrics or the watchdog must not keep the queue open, or the
+        // workers would never see it close at shutdown and draining would wait out its grace.
+        QueueProbe(self.jobs_tx.downgrade())
     }
 
     /// Where the drivers and the sensors hand requests in.
