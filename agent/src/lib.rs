@@ -25,6 +25,7 @@ pub mod sensors;
 pub mod status;
 pub mod store;
 pub mod ticket;
+pub mod watchdog;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -127,6 +128,8 @@ pub async fn run(
         runtime: config.inference.runtime.clone(),
         ..EngineConfig::default()
     };
+    // Loading models can take longer than systemd's start timeout on a slow card.
+    notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(120_000_000)]);
     let engine = {
         let (dir, build) = (config.models_dir.clone(), engine_config.clone());
         tokio::task::spawn_blocking(move || build.build(dir))
@@ -361,6 +364,23 @@ pub async fn run(
         receive_maximum = limit,
         "Agent serving."
     );
+    // Stopped when shutdown starts: draining stops stages on purpose.
+    let stop_watchdog = CancellationToken::new();
+    drivers.push(tokio::spawn(systemd_watchdog(
+        Stages {
+            health: health.clone(),
+            runs: routing.health.clone(),
+            in_service: routing.in_service.clone(),
+            queue: pipeline.probe(),
+        },
+        connected_rx.clone(),
+        live.clone(),
+        stop_watchdog.clone(),
+    )));
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("serving"),
+    ]);
     if let Some(tx) = started {
         let _ = tx.send(Running {
             connected: connected_rx.clone(),
@@ -374,10 +394,20 @@ pub async fn run(
     }
 
     shutdown.await;
+    stop_watchdog.cancel();
     tracing::info!(
         grace_ms = config.shutdown_grace.as_millis(),
         "Shutting down: finishing requests in flight."
     );
+    let drain_usec = config
+        .shutdown_grace
+        .saturating_add(Duration::from_secs(10))
+        .as_micros();
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping: finishing requests in flight"),
+        sd_notify::NotifyState::ExtendTimeoutUsec(u32::try_from(drain_usec).unwrap_or(u32::MAX)),
+    ]);
     // Sources first, so they stop making requests; each finishes the window in hand.
     let _ = tokio::task::spawn_blocking(move || sensor_threads.stop()).await;
     if !pipeline.drain(config.shutdown_grace).await {
@@ -420,6 +450,103 @@ pub async fn run(
     }
     tracing::info!("Agent stopped.");
     Ok(())
+}
+
+/// Tells systemd (when it started the agent with `Type=notify`; otherwise nothing happens).
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!(error = %e, "Cannot notify systemd.");
+    }
+}
+
+/// What the watchdog looks at.
+struct Stages {
+    health: status::Health,
+    runs: Arc<pipeline::RunCounters>,
+    in_service: Arc<std::sync::atomic::AtomicUsize>,
+    queue: pipeline::QueueProbe,
+}
+
+/// Pings systemd's watchdog every half `WatchdogSec` while the stages make progress
+/// ([`watchdog::judge`]), and keeps `STATUS=` current. Runs on the async runtime, so a blocked
+/// runtime (the MQTT driver's thread) also stops the pings.
+async fn systemd_watchdog(
+    stages: Stages,
+    connected: watch::Receiver<bool>,
+    live: live::Live,
+    stop: CancellationToken,
+) {
+    let mut usec = 0u64;
+    let enabled = sd_notify::watchdog_enabled(false, &mut usec);
+    if !enabled && std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let every = if enabled {
+        Duration::from_micros(usec / 2).max(Duration::from_millis(100))
+    } else {
+        Duration::from_secs(10)
+    };
+    let mut tick = tokio::time::interval(every);
+    let mut previous: Option<watchdog::Observation> = None;
+    let mut reported: Option<String> = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let store_answered = tokio::time::timeout(every, stages.health.store.flush())
+            .await
+            .is_ok();
+        let (front_alive, workers_alive) = stages.health.pipeline.alive();
+        let (ok, failed) = stages.runs.read();
+        let now = watchdog::Observation {
+            store_answered: store_answered && stages.health.store.is_alive(),
+            front_alive,
+            workers_alive,
+            runs: ok.saturating_add(failed),
+            waiting: stages
+                .queue
+                .len()
+                .saturating_add(stages.in_service.load(Ordering::Relaxed)),
+        };
+        let verdict = watchdog::judge(previous.as_ref(), &now);
+        previous = Some(now);
+        let status = match &verdict {
+            watchdog::Verdict::Healthy => format!(
+                "serving; broker {}; {} models; outbox {} messages",
+                if *connected.borrow() {
+                    "connected"
+                } else {
+                    "not connected"
+                },
+                live.get().engine.models().count(),
+                stages
+                    .health
+                    .store
+                    .counters
+                    .outbox_rows
+                    .load(Ordering::Relaxed),
+            ),
+            watchdog::Verdict::Stuck(why) => format!("stuck: {why}"),
+        };
+        match &verdict {
+            watchdog::Verdict::Healthy => {
+                reported = None;
+                let mut states = vec![sd_notify::NotifyState::Status(&status)];
+                if enabled {
+                    states.push(sd_notify::NotifyState::Watchdog);
+                }
+                notify(&states);
+            }
+            watchdog::Verdict::Stuck(why) => {
+                if reported.as_deref() != Some(why.as_str()) {
+                    tracing::error!(reason = %why, "A stage is stuck: not pinging systemd's watchdog, which will restart the agent.");
+                    reported = Some(why.clone());
+                }
+                notify(&[sd_notify::NotifyState::Status(&status)]);
+            }
+        }
+    }
 }
 
 async fn join_all(tasks: Vec<JoinHandle<()>>) {

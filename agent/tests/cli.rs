@@ -263,3 +263,72 @@ fn logs_are_json_lines_on_request() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn systemd_hears_ready_status_watchdog_pings_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = std::env::temp_dir().join(format!("tether-cli-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket_path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    // systemd sets WATCHDOG_PID to the service's pid: the shell's, kept by exec.
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            "WATCHDOG_PID=$$ exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_tether-agent"),
+            "run",
+            "--embedded-broker",
+            "127.0.0.1:0",
+            "--device-id",
+            "notify-test",
+            "--db",
+            dir.join("tether.db").to_str().unwrap(),
+        ])
+        .env("TETHER_MODELS", models::default_zoo_dir())
+        .env("RUST_LOG", "warn")
+        .env("NOTIFY_SOCKET", &socket_path)
+        // A watchdog of 0.4 s: a ping every 0.2 s while the stages make progress.
+        .env("WATCHDOG_USEC", "400000")
+        .env_remove("TETHER_CONFIG")
+        .env_remove("CONFIGURATION_DIRECTORY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut pings = 0;
+    while pings < 3 {
+        let n = socket.recv(&mut buf).expect("a notification within 30 s");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        pings += msg.lines().filter(|l| *l == "WATCHDOG=1").count();
+        heard.push(msg);
+    }
+    let all = heard.join("\n");
+    assert!(all.contains("EXTEND_TIMEOUT_USEC="), "{all}");
+    assert!(all.contains("READY=1"), "{all}");
+    assert!(all.contains("STATUS=serving"), "{all}");
+    let ready_at = all.find("READY=1").unwrap();
+    assert!(
+        all[ready_at..].contains("WATCHDOG=1"),
+        "pings come after READY: {all}"
+    );
+    // SIGTERM: STOPPING=1, then a clean exit.
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut stopping = false;
+    while !stopping {
+        let n = socket.recv(&mut buf).expect("STOPPING within 30 s");
+        stopping = String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
