@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use agent::config::RawConfig;
 use agent::fleet::envelope::SigningKey;
-use common::{Requester, TestAgent, scratch_dir};
+use common::{Requester, TestAgent, relay, scratch_dir};
 use models::{Manifest, Variant};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{Value, json};
@@ -47,29 +47,6 @@ impl Operator {
             .keys
             .insert(self.key.name.clone(), self.public.clone());
     }
-}
-
-/// A relay serving the zoo, for model artifacts.
-async fn relay() -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let mut raw = cloud_relay::config::RawConfig {
-        listen: "127.0.0.1:0".into(),
-        models_dir: Some(models::default_zoo_dir()),
-        workers: Some(1),
-        ..Default::default()
-    };
-    raw.shutdown_grace_ms = 0;
-    let cfg = raw.validate().unwrap();
-    let state = tokio::task::spawn_blocking(move || cloud_relay::State::build(cfg))
-        .await
-        .unwrap()
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(cloud_relay::serve(state, listener, async move {
-        let _ = rx.await;
-    }));
-    (addr, tx)
 }
 
 fn zoo() -> Manifest {

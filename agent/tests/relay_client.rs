@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -11,29 +13,8 @@ use agent::cloud::{Cloud, CloudError};
 use agent::config::{BreakerConfig, RelayConfig};
 use agent::policy::BreakerState;
 use bytes::Bytes;
+use common::relay;
 use serde_json::json;
-
-async fn relay() -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let mut raw = cloud_relay::config::RawConfig {
-        listen: "127.0.0.1:0".into(),
-        models_dir: Some(models::default_zoo_dir()),
-        workers: Some(1),
-        ..Default::default()
-    };
-    raw.shutdown_grace_ms = 0;
-    let cfg = raw.validate().unwrap();
-    let state = tokio::task::spawn_blocking(move || cloud_relay::State::build(cfg))
-        .await
-        .unwrap()
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(cloud_relay::serve(state, listener, async move {
-        let _ = rx.await;
-    }));
-    (addr, tx)
-}
 
 fn client(addr: SocketAddr) -> Cloud {
     Cloud::new(&RelayConfig {

@@ -559,3 +559,27 @@ impl Proxy {
         self.state_tx.send_replace(Link::Up);
     }
 }
+
+/// A relay serving the zoo's cloud models on a free port (for offloads and model artifacts);
+/// it stops when the sender is dropped or sent to.
+pub async fn relay() -> (SocketAddr, oneshot::Sender<()>) {
+    let mut raw = cloud_relay::config::RawConfig {
+        listen: "127.0.0.1:0".into(),
+        models_dir: Some(models::default_zoo_dir()),
+        workers: Some(1),
+        ..Default::default()
+    };
+    raw.shutdown_grace_ms = 0;
+    let cfg = raw.validate().unwrap();
+    let state = tokio::task::spawn_blocking(move || cloud_relay::State::build(cfg))
+        .await
+        .unwrap()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(cloud_relay::serve(state, listener, async move {
+        let _ = rx.await;
+    }));
+    (addr, tx)
+}
