@@ -3,11 +3,19 @@
 //! only, is opened when `embedded_broker.listen_v311` names one.
 //!
 //! rumqttd has no shutdown: once started, the broker lives as long as the process.
+//!
+//! Behind the `embedded-broker` cargo feature (on by default): the device build
+//! (`cross/build.sh`) leaves it out, as a device connects to the broker it is deployed with.
 
+#[cfg(feature = "embedded-broker")]
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
+#[cfg(feature = "embedded-broker")]
+use std::net::TcpListener;
+#[cfg(feature = "embedded-broker")]
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "embedded-broker")]
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 
 use crate::config::EmbeddedBrokerConfig;
@@ -32,10 +40,24 @@ pub enum BrokerError {
     },
     #[error("the embedded broker did not start listening on {0} within 5 s")]
     NotListening(SocketAddr),
+    #[error(
+        "this tether-agent was built without the embedded broker (device builds leave it out to stay small): connect to your broker with --broker mqtt://HOST:PORT (mqtt.broker in agent.toml), or use a build with the `embedded-broker` feature"
+    )]
+    NotBuiltIn,
+}
+
+/// Without the `embedded-broker` feature: says how to do without it.
+#[cfg(not(feature = "embedded-broker"))]
+pub fn start(
+    _cfg: &EmbeddedBrokerConfig,
+    _max_payload_bytes: usize,
+) -> Result<EmbeddedBroker, BrokerError> {
+    Err(BrokerError::NotBuiltIn)
 }
 
 /// Starts rumqttd on a thread of its own and waits until it accepts connections.
 /// A port of 0 is replaced by a free port chosen by the OS.
+#[cfg(feature = "embedded-broker")]
 pub fn start(
     cfg: &EmbeddedBrokerConfig,
     max_payload_bytes: usize,
@@ -99,6 +121,7 @@ pub fn start(
 }
 
 /// Checks the address is free (and resolves port 0) by binding it for a moment.
+#[cfg(feature = "embedded-broker")]
 fn reserve(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
     let listener = TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
     listener
@@ -108,6 +131,7 @@ fn reserve(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
 
 /// Waits until the broker holds the address. Probing with a bind rather than a connection
 /// keeps rumqttd from logging a half-open connection as an error.
+#[cfg(feature = "embedded-broker")]
 fn wait_listening(addr: SocketAddr) -> Result<(), BrokerError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {

@@ -24,6 +24,7 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
     match error.downcast_ref::<AgentError>() {
         Some(AgentError::Models(_)) => MODEL,
         Some(AgentError::Store(_)) => DATABASE,
+        Some(AgentError::Broker(crate::broker::BrokerError::NotBuiltIn)) => CONFIG,
         Some(AgentError::Broker(_) | AgentError::Metrics { .. }) => LISTEN,
         _ => OTHER,
     }
@@ -55,6 +56,10 @@ mod tests {
                 }
                 .into(),
                 LISTEN,
+            ),
+            (
+                AgentError::Broker(crate::broker::BrokerError::NotBuiltIn).into(),
+                CONFIG,
             ),
             (AgentError::Fleet("no".into()).into(), OTHER),
             (anyhow::anyhow!("something else"), OTHER),

@@ -126,17 +126,29 @@ pub async fn run(
         variant: Variant::Device,
         max_elements: config.inference.max_elements,
         runtime: config.inference.runtime.clone(),
+        lazy: true,
         ..EngineConfig::default()
     };
     // Loading models can take longer than systemd's start timeout on a slow card.
     notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(120_000_000)]);
     let engine = {
         let (dir, build) = (config.models_dir.clone(), engine_config.clone());
-        tokio::task::spawn_blocking(move || build.build(dir))
-            .await
-            .map_err(|e| AgentError::Join(e.to_string()))??
+        let preload = config.inference.preload.clone();
+        tokio::task::spawn_blocking(move || {
+            let engine = build.build(dir)?;
+            for name in &preload {
+                engine.model(name)?.load()?;
+            }
+            Ok::<_, ModelError>(engine)
+        })
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))??
     };
-    tracing::info!(models = %engine.models().map(|m| m.name()).collect::<Vec<_>>().join(", "), "Models loaded.");
+    tracing::info!(
+        models = %engine.models().map(|m| m.name()).collect::<Vec<_>>().join(", "),
+        preloaded = %config.inference.preload.join(", "),
+        "Models verified; each is built on its first request unless preloaded (inference.preload)."
+    );
     let (store, store_thread) = {
         let cfg = config.store.clone();
         tokio::task::spawn_blocking(move || store::open(&cfg, store::OpenMode::Agent))
@@ -272,6 +284,8 @@ pub async fn run(
             will_payload: status(false)(),
         },
         u16::try_from(limit).unwrap_or(u16::MAX),
+        // The outbox's window, plus the status and telemetry messages beside it.
+        u16::try_from(OUTBOX_WINDOW + 16).unwrap_or(u16::MAX),
         limit + OUTBOX_WINDOW + 64,
     );
     let (connected_tx, connected_rx) = watch::channel(false);
@@ -328,6 +342,8 @@ pub async fn run(
             &config.mqtt,
             mqtt::Session::Pool,
             u16::try_from(limit).unwrap_or(u16::MAX),
+            // The pool's connection publishes nothing of its own (replies go out on the device's).
+            8,
             limit + 64,
         );
         let intake = intake.clone();
@@ -647,6 +663,8 @@ fn start_fleet_connection(
     let (fclient, feventloop) = mqtt::connect(
         &config.mqtt,
         mqtt::Session::Fleet,
+        u16::try_from(FLEET_WINDOW).unwrap_or(1),
+        // Fleet statuses, one per document.
         u16::try_from(FLEET_WINDOW).unwrap_or(1),
         64,
     );

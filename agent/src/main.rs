@@ -219,8 +219,8 @@ struct RunFlags {
     /// The broker to connect to: mqtt://host:port or mqtts://host:port.
     #[arg(long, value_name = "URL")]
     broker: Option<String>,
-    /// Start an in-process MQTT broker on ADDR (MQTT v5; 3.1.1 on the next port) and
-    /// connect to it.
+    /// Start an in-process MQTT broker on ADDR (MQTT 5 and 3.1.1 on one port) and connect to
+    /// it; builds with the `embedded-broker` feature (the default; not the device build).
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = agent::config::DEFAULT_EMBEDDED_LISTEN)]
     embedded_broker: Option<String>,
     /// This device's id (default: the hostname).

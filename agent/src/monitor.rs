@@ -123,14 +123,41 @@ pub fn spawn(interval: Duration) -> std::io::Result<watch::Receiver<Load>> {
     std::thread::Builder::new()
         .name("monitor".into())
         .spawn(move || {
+            let mut since_trim = Duration::ZERO;
             loop {
                 std::thread::sleep(interval);
                 if load_tx.send(monitor.sample()).is_err() {
                     return;
                 }
+                since_trim = since_trim.saturating_add(interval);
+                if since_trim >= RELEASE_EVERY {
+                    since_trim = Duration::ZERO;
+                    release_free_memory();
+                }
             }
         })?;
     Ok(load_rx)
+}
+
+/// How often memory the allocator holds free is given back to the system.
+const RELEASE_EVERY: Duration = Duration::from_secs(10);
+
+/// Gives the memory glibc's allocator holds free (in every thread's arena, not only at the top
+/// of the main heap, which is all `free` returns by itself) back to the system. After a burst
+/// of requests the workers' arenas keep what they used; without this, a device's resident
+/// memory stays at its peak. A walk of the free lists: well under a millisecond for the
+/// agent's heap, on this thread of its own.
+#[allow(
+    unsafe_code,
+    reason = "one FFI call with no pointers to manage: glibc's malloc_trim"
+)]
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and releases the allocator's own free memory; it takes
+    // each arena's lock and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! reply topics are refused, how a request is identified for de-duplication, and the error
 //! payloads. Everything here is a pure function of its arguments, tested by tables.
 
+use models::sha256::Sha256;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 /// The coded errors a requester can receive on its reply topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -73,7 +73,7 @@ pub fn device_status(
     let models: Vec<_> = settings
         .engine
         .models()
-        .map(|m| json!({"name": m.name(), "version": m.spec().version, "variant": m.variant().variant.as_str(), "sha256": m.sha256(), "runtime": m.runtime(), "fallback": m.fallback()}))
+        .map(|m| json!({"name": m.name(), "version": m.spec().version, "variant": m.variant().variant.as_str(), "sha256": m.sha256(), "runtime": m.runtime(), "fallback": m.fallback(), "loaded": m.is_loaded()}))
         .collect();
     let c = counters;
     let stages = health.stages();

@@ -302,7 +302,11 @@ async fn a_burst_beyond_the_queue_is_taken_at_the_agents_pace_and_all_answered()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_is_retained_and_shutdown_finishes_requests_in_flight() {
     use rumqttc::v5::mqttbytes::QoS;
-    let agent = TestAgent::start("dev-status", |raw| raw.inference.workers = Some(1)).await;
+    let agent = TestAgent::start("dev-status", |raw| {
+        raw.inference.workers = Some(1);
+        raw.inference.preload = vec!["vibration".into()];
+    })
+    .await;
     let addr = agent.v5_addr();
     let mut req = Requester::connect(addr, "status").await;
     req.client
@@ -320,6 +324,14 @@ async fn status_is_retained_and_shutdown_finishes_requests_in_flight() {
         .map(|m| m["name"].as_str().unwrap())
         .collect();
     assert_eq!(models, ["digits", "ocr_det", "vad", "vibration"]);
+    // Only what inference.preload names is built before its first request.
+    let loaded: Vec<bool> = status.body["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["loaded"].as_bool().unwrap())
+        .collect();
+    assert_eq!(loaded, [false, false, false, true], "{}", status.body);
 
     let body = golden("ocr_det");
     for i in 0..3 {

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::http::StatusCode;
-use sha2::{Digest, Sha256};
+use models::sha256::Sha256;
 
 use crate::config::Token;
 use crate::error::ApiError;

@@ -44,6 +44,9 @@ pub struct EngineConfig {
     /// The tract runtime that runs the plans: `None` for tract's default (the CPU), or a
     /// runtime compiled in by a cargo feature (`cuda` on a Jetson).
     pub runtime: Option<String>,
+    /// Verify each file now but build each model on its first run ([`LoadedModel::load`]
+    /// builds one sooner): a device pays memory only for the models it is asked for.
+    pub lazy: bool,
 }
 
 impl Default for EngineConfig {
@@ -54,6 +57,7 @@ impl Default for EngineConfig {
             max_elements: DEFAULT_MAX_ELEMENTS,
             batch_plans: true,
             runtime: None,
+            lazy: false,
         }
     }
 }
@@ -82,18 +86,7 @@ impl EngineConfig {
                     path: manifest.dir().to_path_buf(),
                     reason: format!("model `{}` has no {} variant", spec.name, self.variant),
                 })?;
-            let mut loaded = LoadedModel::load(
-                &manifest,
-                spec,
-                variant,
-                self.max_elements,
-                self.runtime.clone(),
-            )?;
-            if !self.batch_plans
-                && let Planner::Symbolic { batch_symbol, .. } = &mut loaded.planner
-            {
-                *batch_symbol = None;
-            }
+            let loaded = LoadedModel::open(&manifest, spec, variant, self, self.lazy)?;
             models.insert(spec.name.clone(), Arc::new(loaded));
         }
         Ok(Engine { manifest, models })
@@ -101,20 +94,15 @@ impl EngineConfig {
 
     /// Loads one model from a file that need not be in the manifest's directory (a model
     /// update downloaded by the agent): `variant.file` may be an absolute path, and its sha256
-    /// is checked against `variant.sha256`.
+    /// is checked against `variant.sha256`. Always built at once, lazy or not: an update is
+    /// judged by whether it loads.
     pub fn load_model(
         &self,
         manifest: &Manifest,
         spec: &ModelSpec,
         variant: &VariantSpec,
     ) -> Result<Arc<LoadedModel>> {
-        let loaded = LoadedModel::load(
-            manifest,
-            spec,
-            variant,
-            self.max_elements,
-            self.runtime.clone(),
-        )?;
+        let loaded = LoadedModel::open(manifest, spec, variant, self, false)?;
         Ok(Arc::new(loaded))
     }
 }
@@ -159,12 +147,20 @@ impl Engine {
     }
 }
 
-/// One model, verified and built. Cheap to share: every method takes `&self`.
+/// One model, verified, and built now or on first use. Cheap to share: every method takes
+/// `&self`.
 pub struct LoadedModel {
     spec: ModelSpec,
     variant: VariantSpec,
+    /// The verified file the model is built from.
+    path: std::path::PathBuf,
     max_elements: usize,
-    planner: Planner,
+    /// Plans per batch size (see [`EngineConfig::batch_plans`]).
+    batch_plans: bool,
+    /// The built model, or why it could not be built; empty until first use when lazy.
+    planner: std::sync::OnceLock<std::result::Result<Planner, String>>,
+    /// Held by the one caller building the model.
+    loading: std::sync::Mutex<()>,
     /// The tract runtime by name; `None` for the default.
     runtime: Option<String>,
     /// Plans specialised to one batch size or input shape, built on first use.
@@ -230,25 +226,101 @@ fn prepare(runtime: Option<&str>, model: Model) -> anyhow::Result<Runnable> {
 }
 
 impl LoadedModel {
-    fn load(
+    /// Checks the model's file against its sha256 and, unless `lazy`, builds it now; a lazy
+    /// model is built on its first run (or [`LoadedModel::load`]) so memory goes only to the
+    /// models a device is asked for.
+    fn open(
         manifest: &Manifest,
         spec: &ModelSpec,
         variant: &VariantSpec,
-        max_elements: usize,
-        runtime: Option<String>,
+        options: &EngineConfig,
+        lazy: bool,
     ) -> Result<LoadedModel> {
         let path = manifest.path_of(&variant.file);
-        let bytes = manifest.read_verified(variant)?;
-        let load_err = |reason: String| ModelError::Load {
-            model: spec.name.clone(),
-            path: path.clone(),
-            reason,
+        // Read and hashed now even when lazy: a damaged or missing file is found at start-up.
+        let bytes = crate::manifest::read_verified(&path, &variant.sha256)?;
+        let model = LoadedModel {
+            spec: spec.clone(),
+            variant: variant.clone(),
+            path,
+            max_elements: options.max_elements,
+            batch_plans: options.batch_plans,
+            planner: std::sync::OnceLock::new(),
+            loading: std::sync::Mutex::new(()),
+            runtime: options.runtime.clone(),
+            plans: PlanCache::new(MAX_CACHED_PLANS),
+            fallback: std::sync::OnceLock::new(),
+            fallback_unreported: std::sync::atomic::AtomicBool::new(false),
+            cpu_generic: std::sync::OnceLock::new(),
+            #[cfg(feature = "test-util")]
+            injected_failures: std::sync::atomic::AtomicUsize::new(0),
+            #[cfg(feature = "test-util")]
+            injected_panics: std::sync::atomic::AtomicUsize::new(0),
         };
-        let inference = parse_onnx(&bytes).map_err(|e| load_err(format!("{e:#}")))?;
-        check_inference_interface(spec, &inference).map_err(load_err)?;
+        if !lazy {
+            let built = model.build_planner(bytes);
+            let _ = model.planner.set(built);
+            model.planner()?;
+        }
+        Ok(model)
+    }
+
+    /// Builds the model now if it is not built yet. Blocking: parsing and planning a large
+    /// model takes a while (about 0.1 s for ocr_det on a desktop core).
+    pub fn load(&self) -> Result<()> {
+        self.planner().map(|_| ())
+    }
+
+    /// True once the model is built (a lazy one has run, or been loaded).
+    pub fn is_loaded(&self) -> bool {
+        matches!(self.planner.get(), Some(Ok(_)))
+    }
+
+    /// The built model, building it on first use (one caller builds, the others wait for it).
+    /// A file that fails to parse or plan is remembered as failed (its bytes are verified, so
+    /// a retry would fail the same way); a file that cannot be read is tried again next time.
+    fn planner(&self) -> Result<&Planner> {
+        if let Some(built) = self.planner.get() {
+            return self.remembered(built);
+        }
+        let _one_builder = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(built) = self.planner.get() {
+            return self.remembered(built);
+        }
+        let started = std::time::Instant::now();
+        let bytes = crate::manifest::read_verified(&self.path, &self.variant.sha256)?;
+        let built = self.planner.get_or_init(|| self.build_planner(bytes));
+        if built.is_ok() {
+            tracing::info!(model = %self.spec.name, ms = started.elapsed().as_millis(), "Model loaded on first use.");
+        }
+        self.remembered(built)
+    }
+
+    fn remembered<'a>(
+        &self,
+        built: &'a std::result::Result<Planner, String>,
+    ) -> Result<&'a Planner> {
+        built
+            .as_ref()
+            .map_err(|reason| self.load_error(reason.clone()))
+    }
+
+    fn load_error(&self, reason: String) -> ModelError {
+        ModelError::Load {
+            model: self.spec.name.clone(),
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    /// Parses the verified file, checks it against the manifest and prepares its plans.
+    fn build_planner(&self, bytes: Vec<u8>) -> std::result::Result<Planner, String> {
+        let spec = &self.spec;
+        let inference = parse_onnx(&bytes).map_err(|e| format!("{e:#}"))?;
+        check_inference_interface(spec, &inference)?;
         let planner = match inference.into_model() {
             Ok(model) => {
-                let batch_symbol = if spec.batchable() {
+                let batch_symbol = if spec.batchable() && self.batch_plans {
                     model
                         .input_fact(0)
                         .and_then(|f| f.dim(0))
@@ -258,8 +330,8 @@ impl LoadedModel {
                 } else {
                     None
                 };
-                let generic = prepare(runtime.as_deref(), model.clone())
-                    .map_err(|e| load_err(format!("{e:#}")))?;
+                let generic = prepare(self.runtime.as_deref(), model.clone())
+                    .map_err(|e| format!("{e:#}"))?;
                 Planner::Symbolic {
                     model,
                     generic,
@@ -277,24 +349,10 @@ impl LoadedModel {
                     bytes: Arc::new(bytes),
                 }
             }
-            Err(e) => return Err(load_err(format!("{e:#}"))),
+            Err(e) => return Err(format!("{e:#}")),
         };
-        tracing::debug!(model = %spec.name, variant = %variant.variant, file = %variant.file, "Model loaded.");
-        Ok(LoadedModel {
-            spec: spec.clone(),
-            variant: variant.clone(),
-            max_elements,
-            planner,
-            runtime,
-            plans: PlanCache::new(MAX_CACHED_PLANS),
-            fallback: std::sync::OnceLock::new(),
-            fallback_unreported: std::sync::atomic::AtomicBool::new(false),
-            cpu_generic: std::sync::OnceLock::new(),
-            #[cfg(feature = "test-util")]
-            injected_failures: std::sync::atomic::AtomicUsize::new(0),
-            #[cfg(feature = "test-util")]
-            injected_panics: std::sync::atomic::AtomicUsize::new(0),
-        })
+        tracing::debug!(model = %spec.name, variant = %self.variant.variant, file = %self.variant.file, "Model built.");
+        Ok(planner)
     }
 
     pub fn name(&self) -> &str {
@@ -645,7 +703,7 @@ impl LoadedModel {
     }
 
     fn plan_for(&self, shapes: &[Vec<usize>], batch: usize) -> Result<Runnable> {
-        let key: Vec<usize> = match &self.planner {
+        let key: Vec<usize> = match self.planner()? {
             Planner::Symbolic {
                 batch_symbol: None,
                 generic,
@@ -677,7 +735,7 @@ impl LoadedModel {
     }
 
     fn build_plan(&self, shapes: &[Vec<usize>], batch: usize) -> anyhow::Result<Runnable> {
-        match &self.planner {
+        match self.planner()? {
             Planner::Symbolic {
                 model,
                 batch_symbol,

@@ -9,6 +9,7 @@ pub mod error;
 pub mod golden;
 pub mod manifest;
 pub mod plans;
+pub mod sha256;
 pub mod stats;
 pub mod tensor;
 pub mod v2;

@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::sha256::Sha256;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
 use crate::tensor::Datatype;

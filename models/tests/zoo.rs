@@ -333,3 +333,91 @@ fn a_corrupted_model_file_is_refused_with_its_sha256() {
         "{text}"
     );
 }
+
+fn lazy(dir: &Path) -> Result<Engine, ModelError> {
+    EngineConfig {
+        lazy: true,
+        ..EngineConfig::default()
+    }
+    .build(dir)
+}
+
+fn digits_input() -> Tensor {
+    Tensor::from_f32("input", vec![1, 1, 8, 8], vec![0.5; 64]).unwrap()
+}
+
+#[test]
+fn lazy_models_are_verified_at_start_and_built_on_their_first_run() {
+    let engine = lazy(&zoo()).unwrap();
+    assert!(engine.models().all(|m| !m.is_loaded()), "nothing built yet");
+    let digits = engine.model("digits").unwrap();
+    let out = digits.infer(vec![digits_input()]).unwrap();
+    assert_eq!(out[0].shape(), &[1, 10]);
+    assert!(digits.is_loaded());
+    assert!(!engine.model("ocr_det").unwrap().is_loaded());
+    engine.model("vad").unwrap().load().unwrap();
+    assert!(engine.model("vad").unwrap().is_loaded());
+
+    // Verification still happens at start-up: a damaged file is refused before any request.
+    let dir = std::env::temp_dir().join(format!("tether-lazy-corrupt-{}", std::process::id()));
+    copy_zoo(&dir);
+    let file = dir.join("digits.int8.onnx");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[10] ^= 0x01;
+    std::fs::write(&file, &bytes).unwrap();
+    let err = lazy(&dir).unwrap_err();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(matches!(err, ModelError::Checksum { .. }), "{err}");
+}
+
+#[test]
+fn a_lazy_model_that_does_not_parse_fails_its_requests_while_the_others_serve() {
+    let dir = std::env::temp_dir().join(format!("tether-lazy-junk-{}", std::process::id()));
+    copy_zoo(&dir);
+    // Junk with a manifest that vouches for it: it passes verification and fails to build.
+    let file = dir.join("digits.int8.onnx");
+    let old = models::manifest::sha256_hex(&std::fs::read(&file).unwrap());
+    let junk = b"this is not an ONNX model".to_vec();
+    std::fs::write(&file, &junk).unwrap();
+    let manifest = dir.join("MANIFEST.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace(&old, &models::manifest::sha256_hex(&junk)),
+    )
+    .unwrap();
+    let engine = lazy(&dir).unwrap();
+    let eager = EngineConfig::default().build(&dir).unwrap_err();
+    assert!(matches!(eager, ModelError::Load { .. }), "{eager}");
+    let digits = engine.model("digits").unwrap();
+    for _ in 0..2 {
+        let err = digits.infer(vec![digits_input()]).unwrap_err();
+        assert!(matches!(err, ModelError::Load { .. }), "{err}");
+        assert_eq!(err.code(), ErrorCode::Internal);
+    }
+    assert!(!digits.is_loaded());
+    let x = Tensor::from_f32("input", vec![1, 3, 128], vec![0.0; 384]).unwrap();
+    let vibration = engine.model("vibration").unwrap().infer(vec![x]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(vibration.unwrap()[0].shape(), &[1, 3]);
+}
+
+#[test]
+fn a_lazy_models_file_replaced_after_start_is_refused_until_it_is_restored() {
+    let dir = std::env::temp_dir().join(format!("tether-lazy-swap-{}", std::process::id()));
+    copy_zoo(&dir);
+    let engine = lazy(&dir).unwrap();
+    let file = dir.join("digits.int8.onnx");
+    let good = std::fs::read(&file).unwrap();
+    let mut bad = good.clone();
+    bad[10] ^= 0x01;
+    std::fs::write(&file, &bad).unwrap();
+    let digits = engine.model("digits").unwrap();
+    let err = digits.infer(vec![digits_input()]).unwrap_err();
+    assert!(matches!(err, ModelError::Checksum { .. }), "{err}");
+    // A file that could not be read or verified is not remembered as failed.
+    std::fs::write(&file, &good).unwrap();
+    let out = digits.infer(vec![digits_input()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.unwrap()[0].shape(), &[1, 10]);
+}

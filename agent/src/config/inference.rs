@@ -22,6 +22,11 @@ pub struct RawInference {
     pub emulated_service_ms: f64,
     /// The tract runtime: unset for the CPU, `cuda` on a Jetson (a build with --features cuda).
     pub runtime: Option<String>,
+    /// Models built at start-up. Every other model's file is verified at start-up but built
+    /// on its first request, so memory goes only to the models a device is asked for; list a
+    /// model here when its first answer must meet its budget too (building ocr_det takes about
+    /// 0.1 s on a desktop core, more on a Pi).
+    pub preload: Vec<String>,
 }
 
 impl Default for RawInference {
@@ -33,6 +38,7 @@ impl Default for RawInference {
             top_k: 3,
             emulated_service_ms: 0.0,
             runtime: None,
+            preload: Vec::new(),
         }
     }
 }
@@ -45,4 +51,5 @@ pub struct InferenceConfig {
     pub top_k: usize,
     pub emulated_service: Duration,
     pub runtime: Option<String>,
+    pub preload: Vec<String>,
 }

@@ -286,6 +286,14 @@ impl RawConfig {
         if inference.max_elements == 0 {
             errors.push("inference.max_elements must be positive".into());
         }
+        for name in &inference.preload {
+            if !is_plain_name(name) {
+                errors.push(format!(
+                    "inference.preload names `{}`, which is not a model name (letters, digits, `-`, `_` and `.`)",
+                    name.escape_debug()
+                ));
+            }
+        }
         let embedded_broker = self.embedded_broker.as_ref().and_then(|b| {
             let listen = parse_addr("embedded_broker.listen", &b.listen, &mut errors)?;
             let listen_v311 = match &b.listen_v311 {
@@ -342,6 +350,7 @@ impl RawConfig {
                         inference.emulated_service_ms.clamp(0.0, 60_000.0) / 1e3,
                     ),
                     runtime: inference.runtime.clone(),
+                    preload: inference.preload.clone(),
                 },
                 embedded_broker,
                 store,
@@ -507,6 +516,7 @@ password = "p"
 [inference]
 workers = 0
 queue = 0
+preload = ["digits", "../x"]
 "##,
         )
         .unwrap();
@@ -520,10 +530,11 @@ queue = 0
             "password is set without mqtt.username",
             "inference.workers is 0",
             "inference.queue is 0",
+            "inference.preload names `../x`, which is not a model name",
         ] {
             assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
         }
-        assert_eq!(err.0.len(), 7, "{text}");
+        assert_eq!(err.0.len(), 8, "{text}");
     }
 
     #[test]

@@ -84,14 +84,17 @@ impl std::fmt::Debug for EventLoop {
 
 /// Builds the client and event loop of one connection: session, manual acks, last will, TLS,
 /// credentials, no Nagle. `receive_max` is the Receive Maximum advertised in MQTT v5 (the
-/// messages the broker may send before some are acknowledged); `capacity` bounds the client's
-/// request channel.
+/// messages the broker may send before some are acknowledged); `outgoing` bounds the QoS 1
+/// publishes this side keeps in flight (rumqttc sizes a table by it per connection: left at its
+/// default of 65,535 that table alone is 14 MiB); `capacity` bounds the client's request channel.
 pub fn connect(
     cfg: &MqttConfig,
     session: Session,
     receive_max: u16,
+    outgoing: u16,
     capacity: usize,
 ) -> (Client, EventLoop) {
+    let outgoing = outgoing.max(1);
     let client_id = match session {
         Session::Device { .. } => cfg.client_id.clone(),
         Session::Pool => format!("{}-pool", cfg.client_id),
@@ -115,6 +118,7 @@ pub fn connect(
                 .set_clean_start(!persistent)
                 .set_max_packet_size(Some(u32::try_from(max_packet).unwrap_or(u32::MAX)))
                 .set_receive_maximum(Some(receive_max.max(1)))
+                .set_outgoing_inflight_upper_limit(outgoing)
                 .set_connection_timeout(10)
                 .set_network_options(no_delay());
             if let Session::Device {
@@ -145,6 +149,7 @@ pub fn connect(
             o.set_keep_alive(cfg.keep_alive)
                 .set_manual_acks(true)
                 .set_clean_session(!persistent)
+                .set_inflight(outgoing)
                 .set_max_packet_size(max_packet, max_packet);
             if let Session::Device {
                 will_topic,

@@ -8,8 +8,8 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use models::Tensor;
+use models::sha256::Sha256;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 /// A cache key: sha256 of the canonical request.
 pub type CacheKey = [u8; 32];
