@@ -21,6 +21,9 @@ pub struct Signals {
     /// Requests queued or running locally, and the workers serving them.
     pub queue_depth: usize,
     pub queue_capacity: usize,
+    /// The request's bytes do not fit beside what the pipeline holds
+    /// (`inference.queue_bytes`): the queue counts as full.
+    pub queue_bytes_full: bool,
     pub workers: usize,
     pub cpu_percent: Option<f64>,
     pub temperature_c: Option<f64>,
@@ -138,7 +141,7 @@ pub fn decide(policy: &Policy, s: &Signals, budget_ms: f64) -> Decision {
         local_estimate_ms: local,
         cloud_estimate_ms: cloud,
     };
-    let queue_full = s.queue_depth >= s.queue_capacity;
+    let queue_full = s.queue_depth >= s.queue_capacity || s.queue_bytes_full;
     let usable = budget_ms * policy.headroom;
     let local_fits = local <= usable && !queue_full;
     let cloud_fits = cloud.is_some_and(|c| c <= usable);
@@ -178,6 +181,8 @@ pub fn decide(policy: &Policy, s: &Signals, budget_ms: f64) -> Decision {
         Some(Reason::CpuLimit)
     } else if s.queue_depth >= policy.limits.queue {
         Some(Reason::QueueLimit)
+    } else if s.queue_bytes_full {
+        Some(Reason::QueueFull)
     } else {
         None
     };
@@ -341,6 +346,7 @@ mod tests {
             local_p95_ms: Some(5.0),
             queue_depth: 0,
             queue_capacity: 64,
+            queue_bytes_full: false,
             workers: 1,
             cpu_percent: Some(20.0),
             temperature_c: Some(45.0),
@@ -517,6 +523,25 @@ mod tests {
                 },
                 10_000.0,
                 Route::Reject,
+                Reason::QueueFull,
+            ),
+            (
+                "relay down, the request's bytes do not fit: queue full",
+                Mode::LocalFirst,
+                |s| {
+                    s.relay = Relay::Down;
+                    s.queue_bytes_full = true
+                },
+                10_000.0,
+                Route::Reject,
+                Reason::QueueFull,
+            ),
+            (
+                "bytes do not fit, relay up: offloaded",
+                Mode::LocalFirst,
+                |s| s.queue_bytes_full = true,
+                10_000.0,
+                Route::Cloud,
                 Reason::QueueFull,
             ),
             (

@@ -475,3 +475,49 @@ async fn over_mqtt_311_a_burst_is_also_taken_at_the_agents_pace() {
     .expect("every request of the burst answered within 60 s");
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_queues_bytes_find_it_full() {
+    // ocr_det requests are about 1 MB of JSON and 0.2 MB of decoded frame each: with
+    // inference.queue_bytes at its floor, one is held at a time and the others are refused at
+    // once, although the queue has room for 64 by count.
+    let agent = TestAgent::start("dev-bytes", |raw| {
+        raw.inference.workers = Some(1);
+        raw.inference.queue_bytes = 64 * 1024;
+        raw.inference.emulated_service_ms = 300.0;
+    })
+    .await;
+    let mut req = Requester::connect(agent.v5_addr(), "bytes").await;
+    let body = golden_with("ocr_det", json!({"cache": false}));
+    for i in 0..3 {
+        req.send(
+            "tether/dev-bytes/infer/ocr_det",
+            &body,
+            format!("b{i}").as_bytes(),
+        )
+        .await;
+    }
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let r = req.next(WAIT).await;
+        codes.push(
+            r.body["code"]
+                .as_str()
+                .map_or_else(|| "ok".to_owned(), |c| format!("{c}: {}", r.body["reason"])),
+        );
+    }
+    codes.sort();
+    assert_eq!(codes[0], "ok", "{codes:?}");
+    assert!(
+        codes[1..]
+            .iter()
+            .all(|c| c.starts_with("overloaded") && c.contains("queue_full")),
+        "{codes:?}"
+    );
+    // Once the held request is answered its bytes are given back: the next one is served.
+    req.send("tether/dev-bytes/infer/ocr_det", &body, b"after")
+        .await;
+    let r = req.next(WAIT).await;
+    assert!(r.body["outputs"].is_array(), "{}", r.body);
+    agent.stop().await;
+}

@@ -194,7 +194,9 @@ enum Planner {
     },
     /// tract cannot reason about the symbolic shapes (PP-OCR's `(H+31)/32` against
     /// `2*((H+15)/16)` in one Concat): re-plan from the file for each concrete input shape.
-    PerShape { bytes: Arc<Vec<u8>> },
+    /// The file is read (and verified) again for each new shape rather than held in memory:
+    /// reading and hashing it costs a small part of planning it.
+    PerShape,
 }
 
 /// Most specialised plans kept per model, the least recently used going first, so memory stays
@@ -258,7 +260,7 @@ impl LoadedModel {
             injected_panics: std::sync::atomic::AtomicUsize::new(0),
         };
         if !lazy {
-            let built = model.build_planner(bytes);
+            let built = model.build_planner(&bytes);
             let _ = model.planner.set(built);
             model.planner()?;
         }
@@ -289,7 +291,7 @@ impl LoadedModel {
         }
         let started = std::time::Instant::now();
         let bytes = crate::manifest::read_verified(&self.path, &self.variant.sha256)?;
-        let built = self.planner.get_or_init(|| self.build_planner(bytes));
+        let built = self.planner.get_or_init(|| self.build_planner(&bytes));
         if built.is_ok() {
             tracing::info!(model = %self.spec.name, ms = started.elapsed().as_millis(), "Model loaded on first use.");
         }
@@ -314,9 +316,9 @@ impl LoadedModel {
     }
 
     /// Parses the verified file, checks it against the manifest and prepares its plans.
-    fn build_planner(&self, bytes: Vec<u8>) -> std::result::Result<Planner, String> {
+    fn build_planner(&self, bytes: &[u8]) -> std::result::Result<Planner, String> {
         let spec = &self.spec;
-        let inference = parse_onnx(&bytes).map_err(|e| format!("{e:#}"))?;
+        let inference = parse_onnx(bytes).map_err(|e| format!("{e:#}"))?;
         check_inference_interface(spec, &inference)?;
         let planner = match inference.into_model() {
             Ok(model) => {
@@ -345,9 +347,7 @@ impl LoadedModel {
                     .any(|t| t.shape.iter().skip(1).any(|&d| d == -1)) =>
             {
                 tracing::debug!(model = %spec.name, error = %format!("{e:#}"), "Symbolic analysis failed; planning per input shape.");
-                Planner::PerShape {
-                    bytes: Arc::new(bytes),
-                }
+                Planner::PerShape
             }
             Err(e) => return Err(format!("{e:#}")),
         };
@@ -714,7 +714,7 @@ impl LoadedModel {
             }
             Planner::Symbolic { .. } => vec![batch],
             // rank, dims, rank, dims...: unambiguous across inputs.
-            Planner::PerShape { .. } => shapes
+            Planner::PerShape => shapes
                 .iter()
                 .flat_map(|s| std::iter::once(s.len()).chain(s.iter().copied()))
                 .collect(),
@@ -748,8 +748,9 @@ impl LoadedModel {
                 model.transform(SetSymbols::new().value(symbol.clone(), i64::try_from(batch)?))?;
                 prepare(self.runtime_now(), model)
             }
-            Planner::PerShape { bytes } => {
-                let mut inference = parse_onnx(bytes)?;
+            Planner::PerShape => {
+                let bytes = crate::manifest::read_verified(&self.path, &self.variant.sha256)?;
+                let mut inference = parse_onnx(&bytes)?;
                 for (i, (shape, spec)) in shapes.iter().zip(&self.spec.inputs).enumerate() {
                     let dims: Vec<String> = shape.iter().map(ToString::to_string).collect();
                     let dt = format!("{:?}", to_tract_dt(spec.datatype)).to_lowercase();

@@ -12,6 +12,9 @@ pub struct RawInference {
     pub workers: Option<usize>,
     /// Requests waiting for a worker; beyond this a request gets `overloaded` at once.
     pub queue: usize,
+    /// Bytes of requests held at once (payloads and decoded inputs, queued, running or
+    /// offloaded); beyond it the queue counts as full. Sized for a 512 MB device.
+    pub queue_bytes: usize,
     /// Largest input tensor accepted, in elements.
     pub max_elements: usize,
     /// Classes listed in classifier replies.
@@ -34,6 +37,7 @@ impl Default for RawInference {
         RawInference {
             workers: None,
             queue: 64,
+            queue_bytes: 32 << 20,
             max_elements: models::v2::DEFAULT_MAX_ELEMENTS,
             top_k: 3,
             emulated_service_ms: 0.0,
@@ -47,6 +51,7 @@ impl Default for RawInference {
 pub struct InferenceConfig {
     pub workers: usize,
     pub queue: usize,
+    pub queue_bytes: usize,
     pub max_elements: usize,
     pub top_k: usize,
     pub emulated_service: Duration,

@@ -66,6 +66,9 @@ pub struct RawCache {
     pub max_bytes: u64,
     /// Results kept in memory in front of SQLite (least recently used go first); 0 for none.
     pub memory_entries: usize,
+    /// Bytes of results kept in memory, whatever their number; a result larger than a quarter
+    /// of it is served from SQLite only.
+    pub memory_bytes: usize,
     /// Per model: `[store.cache.models.digits] enabled = false` or `ttl_secs = 60`.
     pub models: BTreeMap<String, RawModelCache>,
 }
@@ -136,6 +139,7 @@ impl Default for RawCache {
             max_rows: 10_000,
             max_bytes: 64 * 1024 * 1024,
             memory_entries: 256,
+            memory_bytes: 4 << 20,
             models: Default::default(),
         }
     }
@@ -187,6 +191,7 @@ pub struct CacheConfig {
     pub max_rows: u64,
     pub max_bytes: u64,
     pub memory_entries: usize,
+    pub memory_bytes: usize,
     pub models: BTreeMap<String, RawModelCache>,
 }
 
@@ -274,6 +279,7 @@ impl RawStore {
                 max_rows: s.cache.max_rows,
                 max_bytes: s.cache.max_bytes,
                 memory_entries: s.cache.memory_entries,
+                memory_bytes: s.cache.memory_bytes,
                 models: s.cache.models.clone(),
             },
             outbox: OutboxConfig {

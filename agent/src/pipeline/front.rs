@@ -21,7 +21,7 @@ use super::decode::{Decoded, Undecodable, decode};
 use super::dedupe::{Key, Seen};
 use super::reply::{Answer, Expiry, Journey, Origin, Responder, Slot, finish_response};
 use super::worker::Worker;
-use super::{Arrival, Job, LocalAnswer, LocalRequest, Prepared, Shared, relay};
+use super::{Arrival, Job, LocalAnswer, LocalRequest, Prepared, Shared, held, relay};
 use crate::live::Settings;
 use crate::mqtt::Message;
 use crate::policy::{self, Reason, Route};
@@ -400,9 +400,13 @@ impl Front {
             .saturating_duration_since(Instant::now())
             .as_secs_f64()
             * 1e3;
+        let held = shared.held_bytes.try_take(held::request_bytes(
+            prepared.body.as_ref(),
+            &prepared.inputs,
+        ));
         let decision = policy::decide(
             &settings.policy.policy,
-            &shared.signals(&model, self.jobs_tx.len()),
+            &shared.signals(&model, self.jobs_tx.len(), held.is_none()),
             left_ms,
         );
         let job = Job {
@@ -413,6 +417,7 @@ impl Front {
             budget,
             reason: decision.reason,
             prepared,
+            _held: held,
         };
         match decision.route {
             Route::Reject => {

@@ -20,6 +20,7 @@
 pub mod decode;
 mod dedupe;
 mod front;
+mod held;
 mod relay;
 pub(crate) mod reply;
 mod worker;
@@ -187,6 +188,8 @@ pub(crate) struct Shared {
     /// The local queue's configured size and the workers, for the policy.
     queue_capacity: usize,
     workers: usize,
+    /// Bytes of the requests queued, running or offloaded (`inference.queue_bytes`).
+    held_bytes: held::HeldBytes,
     /// Requests admitted and not yet answered or released.
     responders: AtomicUsize,
     /// Past the shutdown grace period: what is dropped unanswered is released, not failed.
@@ -199,8 +202,9 @@ impl Shared {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What the policy knows about `model` now, with `queued` requests waiting for a worker.
-    fn signals(&self, model: &str, queued: usize) -> Signals {
+    /// What the policy knows about `model` now, with `queued` requests waiting for a worker;
+    /// `bytes_full` when the request's bytes found no room.
+    fn signals(&self, model: &str, queued: usize, bytes_full: bool) -> Signals {
         let load = *self.routing.load_rx.borrow();
         let (p50, p95) = self.routing.times.percentiles(model);
         Signals {
@@ -208,6 +212,7 @@ impl Shared {
             local_p95_ms: p95,
             queue_depth: queued + self.routing.in_service.load(Ordering::Relaxed),
             queue_capacity: self.queue_capacity + self.workers,
+            queue_bytes_full: bytes_full,
             workers: self.workers,
             cpu_percent: load.cpu_percent,
             temperature_c: load.temperature_c,
@@ -265,6 +270,8 @@ struct Job {
     /// Why it is here (the policy's reason, or `offload_failed`).
     reason: Reason,
     prepared: Prepared,
+    /// Its bytes in `inference.queue_bytes`, given back when the job is dropped.
+    _held: Option<held::Permit>,
 }
 
 /// The side of the pipeline the drivers and the sensors call.
@@ -399,6 +406,7 @@ impl Pipeline {
             emulated_service: cfg.inference.emulated_service,
             queue_capacity: cfg.inference.queue,
             workers: cfg.inference.workers,
+            held_bytes: held::HeldBytes::new(cfg.inference.queue_bytes),
             responders: AtomicUsize::new(0),
             abandoning: AtomicBool::new(false),
             registry: Mutex::new(registry),

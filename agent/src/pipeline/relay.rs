@@ -72,7 +72,8 @@ pub(super) fn offload(shared: &Arc<Shared>, job: Job, jobs_tx: flume::Sender<Job
             Err(e) => {
                 tracing::debug!(error = %e, model = %job.model, "Offload failed; trying locally.");
                 let left = job.deadline.saturating_duration_since(Instant::now());
-                let local = policy::local_estimate_ms(&shared.signals(&job.model, jobs_tx.len()));
+                let local =
+                    policy::local_estimate_ms(&shared.signals(&job.model, jobs_tx.len(), false));
                 if local <= left.as_secs_f64() * 1e3 {
                     let job = Job {
                         reason: Reason::OffloadFailed,

@@ -65,7 +65,7 @@ pub fn key(
         })
         .unwrap_or_default();
     field(&mut h, &serde_json::to_vec(&semantic).unwrap_or_default());
-    h.finalize().into()
+    h.finalize()
 }
 
 /// Length-prefixed, so `("ab", "c")` and `("a", "bc")` differ.
@@ -81,46 +81,89 @@ pub struct Cached {
     pub expires_ms: i64,
 }
 
-/// The in-memory front: the most recently used results, shared by the inference workers.
+/// The in-memory front: the most recently used results, shared by the inference workers,
+/// bounded in entries and in bytes.
 #[derive(Debug, Clone)]
 pub struct Front {
-    inner: Option<Arc<Mutex<lru::LruCache<CacheKey, Cached>>>>,
+    inner: Option<Arc<Mutex<Held>>>,
+    max_bytes: usize,
+}
+
+#[derive(Debug)]
+struct Held {
+    lru: lru::LruCache<CacheKey, Cached>,
+    bytes: usize,
+}
+
+impl Held {
+    fn pop(&mut self, key: &CacheKey) {
+        if let Some(c) = self.lru.pop(key) {
+            self.bytes = self.bytes.saturating_sub(c.value.len());
+        }
+    }
 }
 
 impl Front {
-    /// A front of `entries` results; 0 means none.
-    pub fn new(entries: usize) -> Front {
+    /// A front of at most `entries` results and `max_bytes` bytes of them; 0 for either means
+    /// none.
+    pub fn new(entries: usize, max_bytes: usize) -> Front {
+        let held = |n| {
+            Arc::new(Mutex::new(Held {
+                lru: lru::LruCache::new(n),
+                bytes: 0,
+            }))
+        };
         Front {
-            inner: NonZeroUsize::new(entries).map(|n| Arc::new(Mutex::new(lru::LruCache::new(n)))),
+            inner: NonZeroUsize::new(entries)
+                .filter(|_| max_bytes > 0)
+                .map(held),
+            max_bytes,
         }
     }
 
     /// The result for `key` if it is held and still valid at `now_ms`.
     pub fn get(&self, key: &CacheKey, now_ms: i64) -> Option<Arc<Vec<u8>>> {
         let inner = self.inner.as_ref()?;
-        let mut lru = inner.lock().unwrap_or_else(|p| p.into_inner());
-        match lru.get(key) {
+        let mut held = inner.lock().unwrap_or_else(|p| p.into_inner());
+        match held.lru.get(key) {
             Some(c) if c.expires_ms > now_ms => Some(c.value.clone()),
             Some(_) => {
-                lru.pop(key);
+                held.pop(key);
                 None
             }
             None => None,
         }
     }
 
+    /// Keeps `cached`, unless it is larger than a quarter of the bytes allowed; the least
+    /// recently used results go to make room.
     pub fn put(&self, key: CacheKey, cached: Cached) {
-        if let Some(inner) = &self.inner {
-            inner
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .put(key, cached);
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let mut held = inner.lock().unwrap_or_else(|p| p.into_inner());
+        held.pop(&key);
+        let size = cached.value.len();
+        if size > self.max_bytes / 4 {
+            return;
         }
+        while held.bytes.saturating_add(size) > self.max_bytes {
+            match held.lru.pop_lru() {
+                Some((_, gone)) => held.bytes = held.bytes.saturating_sub(gone.value.len()),
+                None => break,
+            }
+        }
+        if let Some((_, gone)) = held.lru.push(key, cached) {
+            held.bytes = held.bytes.saturating_sub(gone.value.len());
+        }
+        held.bytes = held.bytes.saturating_add(size);
     }
 
     pub fn clear(&self) {
         if let Some(inner) = &self.inner {
-            inner.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            let mut held = inner.lock().unwrap_or_else(|p| p.into_inner());
+            held.lru.clear();
+            held.bytes = 0;
         }
     }
 }
@@ -202,7 +245,7 @@ mod tests {
 
     #[test]
     fn the_front_forgets_expired_and_least_recently_used_entries() {
-        let front = Front::new(2);
+        let front = Front::new(2, 1 << 20);
         let c = |v: u8, exp| Cached {
             value: Arc::new(vec![v]),
             expires_ms: exp,
@@ -219,6 +262,39 @@ mod tests {
             "3 was the least recently used"
         );
         assert!(front.get(&[2; 32], 0).is_some());
-        assert!(Front::new(0).get(&[2; 32], 0).is_none());
+        assert!(Front::new(0, 1 << 20).get(&[2; 32], 0).is_none());
+    }
+
+    #[test]
+    fn the_front_holds_at_most_its_bytes_and_no_single_large_result() {
+        let front = Front::new(100, 1000);
+        let c = |len: usize| Cached {
+            value: Arc::new(vec![7; len]),
+            expires_ms: i64::MAX,
+        };
+        for k in 0..4u8 {
+            front.put([k; 32], c(250));
+        }
+        assert!((0..4u8).all(|k| front.get(&[k; 32], 0).is_some()));
+        // A fifth pushes out the least recently used (0 was read first, so it is).
+        front.put([9; 32], c(250));
+        assert!(front.get(&[0; 32], 0).is_none());
+        assert_eq!(
+            (1..4u8)
+                .filter(|&k| front.get(&[k; 32], 0).is_some())
+                .count()
+                + usize::from(front.get(&[9; 32], 0).is_some()),
+            4
+        );
+        // Over a quarter of the budget: not kept, and nothing pushed out for it.
+        front.put([10; 32], c(251));
+        assert!(front.get(&[10; 32], 0).is_none());
+        assert!(front.get(&[9; 32], 0).is_some());
+        // Replacing an entry counts its bytes once.
+        for _ in 0..10 {
+            front.put([9; 32], c(250));
+        }
+        assert!((1..4u8).all(|k| front.get(&[k; 32], 0).is_some()));
+        assert!(Front::new(10, 0).get(&[9; 32], 0).is_none());
     }
 }

@@ -337,7 +337,7 @@ pub fn open(cfg: &StoreConfig, mode: OpenMode) -> Result<(StoreHandle, StoreThre
             replies_tx,
             rows_rx,
             watermark_rx,
-            front: Front::new(cfg.cache.memory_entries),
+            front: Front::new(cfg.cache.memory_entries, cfg.cache.memory_bytes),
             index,
             counters,
         },
