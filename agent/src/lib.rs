@@ -7,6 +7,7 @@
 //! and the commit tells the driver, by the ticket ([`ticket`]), to acknowledge it; the driver
 //! publishes the outbox. [`config`] sits below everything and imports nothing above it.
 
+pub mod args;
 pub mod broker;
 pub mod cli;
 pub mod cloud;
@@ -104,6 +105,62 @@ pub struct Running {
     pub live: live::Live,
     /// The sensors' counters and simulated actuators' pins.
     pub sensors: sensors::SensorsView,
+    /// Applies agent.toml read again (SIGHUP).
+    pub reloader: Reloader,
+}
+
+/// Puts a configuration read again (SIGHUP) in force: what the live swap can change (routing
+/// policy, cache rules and bounds, outbox bounds, telemetry interval) through the same switch
+/// fleet documents use, beneath the fleet documents in force; the rest is reported as needing
+/// a restart and left as it was.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    switch: live::Switch,
+    /// The configuration the agent started with: what a restart-only key still is.
+    started_with: Arc<Config>,
+    /// The fleet task, when there is one: it applies its documents again on the new base.
+    fleet: Option<tokio::sync::mpsc::Sender<Config>>,
+}
+
+impl Reloader {
+    /// Applies `config` (already validated); returns the keys that differ from the start-up
+    /// configuration, split into applied and left for a restart.
+    pub async fn reload(&self, config: Config) -> config::reload::Changes {
+        let changes = config::reload::changes(&self.started_with.raw, &config.raw);
+        match &self.fleet {
+            Some(fleet) => {
+                if fleet.send(config).await.is_err() {
+                    tracing::warn!("The fleet task has stopped; the reload is not applied.");
+                }
+            }
+            None => {
+                let current = self.switch.live.get();
+                let settings = live::Settings {
+                    engine: current.engine.clone(),
+                    policy: config.policy.clone(),
+                    cache: config.store.cache.clone(),
+                    config_version: current.config_version.clone(),
+                };
+                self.switch.apply(
+                    Arc::new(settings),
+                    &config,
+                    config.fleet.telemetry_interval,
+                    None,
+                );
+            }
+        }
+        if !changes.restart.is_empty() {
+            tracing::warn!(
+                keys = %changes.restart.join(", "),
+                "agent.toml changed keys that only a restart applies; they stay as they were until then."
+            );
+        }
+        tracing::info!(
+            applied = %changes.live.join(", "),
+            "agent.toml read again and applied."
+        );
+        changes
+    }
 }
 
 /// Requests a connection's driver hands on before it stops reading (its flow control, and its
@@ -333,9 +390,23 @@ pub async fn run(
         sensor_threads.view(),
         stop_drivers.clone(),
     )));
+    let mut fleet_reloads = None;
     if let Some(f) = fleet {
-        drivers.extend(start_fleet_connection(&config, f, &stop_drivers));
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+        fleet_reloads = Some(reload_tx);
+        drivers.extend(start_fleet_connection(&config, f, reload_rx, &stop_drivers));
     }
+    let reloader = Reloader {
+        switch: live::Switch {
+            live: live.clone(),
+            store: store.clone(),
+            telemetry_interval: telemetry_tx.clone(),
+            status_refresh: status_refresh_tx.clone(),
+            log: LOG_CONTROL.get().cloned(),
+        },
+        started_with: Arc::new(config.clone()),
+        fleet: fleet_reloads,
+    };
     let mut pool_connected = None;
     if let Some(filter) = topics.pool_filter() {
         let (pclient, peventloop) = mqtt::connect(
@@ -406,6 +477,7 @@ pub async fn run(
             metrics_addr: metrics_server.as_ref().map(|(a, _)| *a),
             live: live.clone(),
             sensors: sensor_threads.view(),
+            reloader,
         });
     }
 
@@ -638,16 +710,19 @@ async fn start_fleet(
             &config.device_id,
             &config.fleet.groups,
         ),
-        live: live.clone(),
+        switch: live::Switch {
+            live: live.clone(),
+            store: store.clone(),
+            telemetry_interval: telemetry_tx.clone(),
+            status_refresh: status_refresh_tx.clone(),
+            log: LOG_CONTROL.get().cloned(),
+        },
         base_engine: live.get().engine.clone(),
         engine_config: engine_config.clone(),
         store: store.clone(),
         fetcher,
         runs: routing.health.clone(),
         health: config.fleet.health,
-        telemetry_interval: telemetry_tx.clone(),
-        status_refresh: status_refresh_tx.clone(),
-        log: LOG_CONTROL.get().cloned(),
     }));
     Box::pin(f.restore()).await;
     Ok(Some(f))
@@ -658,6 +733,7 @@ async fn start_fleet(
 fn start_fleet_connection(
     config: &Config,
     f: Box<fleet::Fleet>,
+    reloads: tokio::sync::mpsc::Receiver<Config>,
     stop: &CancellationToken,
 ) -> Vec<JoinHandle<()>> {
     let (fclient, feventloop) = mqtt::connect(
@@ -695,7 +771,7 @@ fn start_fleet_connection(
             }
             .run(stop.clone()),
         ),
-        tokio::spawn((*f).run(docs_rx, fclient, stop.clone())),
+        tokio::spawn((*f).run(docs_rx, reloads, fclient, stop.clone())),
     ]
 }
 

@@ -6,138 +6,14 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
+use agent::args::{CacheAction, Cli, Command, ConfigAction, DbArgs, OutboxAction, RunFlags};
 use agent::cli::{current_thread, print_stdout, read_stdin};
 use agent::config::RawConfig;
-use agent::infer::{DEFAULT_TOP_K, run_request};
+use agent::infer::run_request;
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use models::v2::InferenceRequest;
 use models::{EngineConfig, Manifest, Variant, golden};
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "tether-agent",
-    version,
-    about = "Tether's on-device inference agent."
-)]
-struct Cli {
-    /// The model directory holding MANIFEST.toml (default: ./models/zoo, else the build's zoo).
-    #[arg(long, global = true, env = "TETHER_MODELS", value_name = "DIR")]
-    models: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-/// Which database the `cache` and `outbox` commands open.
-#[derive(Debug, clap::Args)]
-struct DbArgs {
-    /// The database file (default: store.path of the configuration, else found as the service
-    /// finds it: $STATE_DIRECTORY, /var/lib/tether, the working directory).
-    #[arg(long, global = true, value_name = "PATH")]
-    db: Option<PathBuf>,
-    /// agent.toml, to find the database in (default: $TETHER_CONFIG,
-    /// $CONFIGURATION_DIRECTORY/agent.toml, /etc/tether/agent.toml).
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
-}
-
-#[derive(Debug, Subcommand)]
-enum ConfigAction {
-    /// Validate agent.toml with the environment's overrides; print every problem and exit 78
-    /// on any.
-    Check {
-        /// The file (default: found as `run` finds it).
-        file: Option<PathBuf>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum CacheAction {
-    /// Rows and bytes per model, evictions, the file's size.
-    Stats {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Delete cached results (all, or one model's).
-    Clear {
-        #[arg(long)]
-        model: Option<String>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum OutboxAction {
-    /// The waiting messages, oldest first.
-    List {
-        /// Most messages to list.
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
-        /// Print JSON lines (with payloads) instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Connect to an MQTT broker and serve inference requests until SIGINT or SIGTERM.
-    Run {
-        /// agent.toml; every key is optional (see README.md). Default: $TETHER_CONFIG, else
-        /// $CONFIGURATION_DIRECTORY/agent.toml, else /etc/tether/agent.toml, else none.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        #[command(flatten)]
-        flags: RunFlags,
-    },
-    /// Inspect or clear the result cache of an agent's database (the agent may be running).
-    Cache {
-        #[command(subcommand)]
-        action: CacheAction,
-        #[command(flatten)]
-        db: DbArgs,
-    },
-    /// Inspect the outbox: messages waiting for the broker.
-    Outbox {
-        #[command(subcommand)]
-        action: OutboxAction,
-        #[command(flatten)]
-        db: DbArgs,
-    },
-    /// Check a configuration file without starting the agent.
-    Config {
-        #[command(subcommand)]
-        action: ConfigAction,
-    },
-    /// List the models of the zoo, one line per variant file.
-    Models {
-        /// Also build every model with tract, to prove it loads.
-        #[arg(long)]
-        check: bool,
-    },
-    /// Run one V2 inference request through a local model and print the V2 response.
-    Infer {
-        /// The model name, as listed by `tether-agent models`.
-        #[arg(long)]
-        model: String,
-        /// A V2 request JSON file, or `-` for stdin (the default when stdin is piped).
-        #[arg(long, value_name = "FILE")]
-        input: Option<PathBuf>,
-        /// Use the zoo's golden request for this model as the input.
-        #[arg(long, conflicts_with = "input")]
-        example: bool,
-        /// Which file of the model to run: device, source or cloud.
-        #[arg(long, default_value = "device")]
-        variant: Variant,
-        /// Classes to list for classifiers.
-        #[arg(long, default_value_t = DEFAULT_TOP_K)]
-        top: usize,
-        /// With --example: compare the outputs to the zoo's golden response (ONNX Runtime's)
-        /// and fail if any value differs by more than 1e-4.
-        #[arg(long, requires = "example")]
-        golden: bool,
-    },
-}
 
 fn main() -> std::process::ExitCode {
     use tracing_subscriber::prelude::*;
@@ -213,45 +89,64 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// `run`'s flags, which override agent.toml.
-#[derive(Debug, clap::Args)]
-struct RunFlags {
-    /// The broker to connect to: mqtt://host:port or mqtts://host:port.
-    #[arg(long, value_name = "URL")]
-    broker: Option<String>,
-    /// Start an in-process MQTT broker on ADDR (MQTT 5 and 3.1.1 on one port) and connect to
-    /// it; builds with the `embedded-broker` feature (the default; not the device build).
-    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = agent::config::DEFAULT_EMBEDDED_LISTEN)]
-    embedded_broker: Option<String>,
-    /// This device's id (default: the hostname).
-    #[arg(long)]
-    device_id: Option<String>,
-    /// Inference worker threads (default: one per core).
-    #[arg(long)]
-    workers: Option<usize>,
-    /// The agent's SQLite database (default: store.path, else tether.db).
-    #[arg(long, value_name = "PATH")]
-    db: Option<PathBuf>,
-    /// The Tether relay to offload to (http:// or https://); without one, every request
-    /// runs here.
-    #[arg(long, value_name = "URL")]
-    relay: Option<String>,
-    /// The device's relay token, from this file.
-    #[arg(long, value_name = "FILE", requires = "relay")]
-    relay_token_file: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long, value_name = "ADDR")]
-    metrics: Option<String>,
-    /// Routing policy: local-first, local-only or cloud-first.
-    #[arg(long, value_name = "MODE")]
-    policy: Option<String>,
-}
-
 fn run_agent(
     models: Option<PathBuf>,
     config: Option<PathBuf>,
     flags: RunFlags,
 ) -> anyhow::Result<()> {
+    let load = move || run_config(models.clone(), config.as_deref(), flags.clone());
+    let cfg = load()?;
+    // One thread for the MQTT connection, the publisher and the HTTP endpoints: none of them
+    // computes, and every request crossing between two runtime threads cost wake-ups (perf:
+    // a third of the agent's CPU at one request in flight went to futex and scheduling).
+    // The model, the store and the front stage have threads of their own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("tether-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        // Signals are caught from here on, so a SIGTERM during start-up is not fatal: the
+        // agent finishes starting, then stops cleanly.
+        let shutdown = shutdown_signal().context("cannot listen for SIGINT and SIGTERM")?;
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot listen for SIGHUP")?;
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<agent::Running>();
+        // SIGHUP: agent.toml (with the environment and these flags) read again and applied
+        // live where it can be; an invalid file changes nothing.
+        let reloads = tokio::spawn(async move {
+            let Ok(running) = started_rx.await else {
+                return;
+            };
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP received: reading the configuration again.");
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                match load() {
+                    Ok(cfg) => {
+                        running.reloader.reload(cfg).await;
+                    }
+                    Err(e) => tracing::error!(
+                        error = %format!("{e:#}"),
+                        "The configuration read again is not valid; the configuration in force stays."
+                    ),
+                }
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            }
+        });
+        let result = agent::run(cfg, shutdown, Some(started_tx)).await;
+        reloads.abort();
+        anyhow::Ok(result?)
+    })?;
+    Ok(())
+}
+
+/// The configuration `run` starts with, and reads again on SIGHUP: the file as discovered,
+/// the environment, then the flags.
+fn run_config(
+    models: Option<PathBuf>,
+    config: Option<&std::path::Path>,
+    flags: RunFlags,
+) -> anyhow::Result<agent::config::Config> {
     let RunFlags {
         broker,
         embedded_broker,
@@ -263,7 +158,7 @@ fn run_agent(
         metrics,
         policy,
     } = flags;
-    let config = find_config(config.as_deref());
+    let config = find_config(config);
     let mut raw = RawConfig::load(config.as_deref(), |k| std::env::var(k).ok())?;
     if db.is_some() {
         raw.store.path = db;
@@ -305,23 +200,7 @@ fn run_agent(
     if workers.is_some() {
         raw.inference.workers = workers;
     }
-    let cfg = raw.validate(|| hostname::get().ok().and_then(|h| h.into_string().ok()))?;
-    // One thread for the MQTT connection, the publisher and the HTTP endpoints: none of them
-    // computes, and every request crossing between two runtime threads cost wake-ups (perf:
-    // a third of the agent's CPU at one request in flight went to futex and scheduling).
-    // The model, the store and the front stage have threads of their own.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .thread_name("tether-io")
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
-        // Signals are caught from here on, so a SIGTERM during start-up is not fatal: the
-        // agent finishes starting, then stops cleanly.
-        let shutdown = shutdown_signal().context("cannot listen for SIGINT and SIGTERM")?;
-        anyhow::Ok(agent::run(cfg, shutdown, None).await?)
-    })?;
-    Ok(())
+    Ok(raw.validate(|| hostname::get().ok().and_then(|h| h.into_string().ok()))?)
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.
@@ -465,7 +344,13 @@ fn find_config(explicit: Option<&std::path::Path>) -> Option<PathBuf> {
 
 /// `config check`: every problem of a configuration, or that it is valid.
 fn config_command(action: ConfigAction) -> anyhow::Result<()> {
-    let ConfigAction::Check { file } = action;
+    let file = match action {
+        ConfigAction::Defaults => {
+            print!("{}", agent::config::DEFAULTS_TOML);
+            return Ok(());
+        }
+        ConfigAction::Check { file } => file,
+    };
     let file = find_config(file.as_deref());
     let raw = RawConfig::load(file.as_deref(), |k| std::env::var(k).ok())?;
     let cfg = raw.validate(|| hostname::get().ok().and_then(|h| h.into_string().ok()))?;

@@ -312,7 +312,7 @@ pub fn identity(
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
     }
-    Some(h.finalize().into())
+    Some(h.finalize())
 }
 
 #[cfg(test)]

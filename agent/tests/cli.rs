@@ -224,6 +224,15 @@ fn config_check_finds_the_file_as_run_does_and_names_every_problem() {
         "{}",
         text(&out.stdout)
     );
+    // `config defaults` prints a file `config check` takes as it is.
+    let out = check(&["config", "defaults"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let defaults = dir.join("defaults.toml");
+    std::fs::write(&defaults, &out.stdout).unwrap();
+    assert!(text(&out.stdout).contains("queue_bytes = 33554432"));
+    let out = check(&["config", "check", defaults.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("defaults.toml: valid"));
     // Every problem at once, exit 78.
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "device_id = \"a/b\"\n[inference]\nworkers = 0\n").unwrap();
@@ -330,5 +339,113 @@ fn systemd_hears_ready_status_watchdog_pings_and_stopping() {
     }
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The device's retained status, as a requester sees it, until `pred` holds or 30 s pass.
+async fn status_until(
+    port: u16,
+    device: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Option<serde_json::Value> {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions, mqttbytes::v5::Packet};
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let options = MqttOptions::new(format!("{device}-watch"), "127.0.0.1", port);
+    let (client, mut events) = AsyncClient::new(options, 16);
+    client
+        .subscribe(format!("tether/{device}/status"), QoS::AtLeastOnce)
+        .await
+        .ok()?;
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Err(_) => return None,
+            Ok(Err(_)) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload)
+                    && pred(&v)
+                {
+                    let _ = client.disconnect().await;
+                    return Some(v);
+                }
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_policy_change_and_reports_what_needs_a_restart() {
+    let dir = std::env::temp_dir().join(format!("tether-cli-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let file = dir.join("agent.toml");
+    let write = |text: &str| std::fs::write(&file, text).unwrap();
+    write("device_id = \"hup-test\"\n[policy]\nmode = \"local-first\"\n");
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+        .args(["run", "--config", file.to_str().unwrap()])
+        .args(["--embedded-broker", &format!("127.0.0.1:{port}")])
+        .args(["--db", dir.join("tether.db").to_str().unwrap()])
+        .env("TETHER_MODELS", models::default_zoo_dir())
+        .env("RUST_LOG", "info,rumqttd=off")
+        .env("TETHER_LOG_FORMAT", "text")
+        .env_remove("TETHER_CONFIG")
+        .env_remove("CONFIGURATION_DIRECTORY")
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let hup = |pid: u32| {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let first = status_until(port, "hup-test", |v| v["online"] == true).await;
+    assert_eq!(first.expect("the agent's status")["policy"], "local-first");
+
+    // A policy value changed, and a key only a restart applies.
+    write("device_id = \"hup-test\"\n[policy]\nmode = \"local-only\"\n[inference]\nworkers = 1\n");
+    hup(child.id());
+    let changed = status_until(port, "hup-test", |v| v["policy"] == "local-only").await;
+    assert!(changed.is_some(), "the running agent took the new policy");
+
+    // An invalid file changes nothing; the agent keeps serving on what is in force.
+    write("device_id = \"hup-test\"\n[policy]\nmode = \"sideways\"\n");
+    hup(child.id());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let still = status_until(port, "hup-test", |v| v["online"] == true).await;
+    assert_eq!(still.expect("still serving")["policy"], "local-only");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop the agent"
+    );
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
+    let log = std::fs::read_to_string(dir.join("agent.log")).unwrap();
+    assert!(
+        log.contains("only a restart applies") && log.contains("inference.workers"),
+        "{log}"
+    );
+    assert!(log.contains("policy.mode"), "{log}");
+    assert!(
+        log.contains("not valid; the configuration in force stays"),
+        "{log}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -758,3 +758,98 @@ async fn a_signed_document_retained_in_mosquitto_applies_at_connect_in_v311() {
     assert_eq!(v["parameters"]["budget_ms"], 432, "{v}");
     agent.stop().await;
 }
+
+/// Runs the agent binary against `url` with `SSL_CERT_FILE` set, and reads its log until it
+/// connects or `within` passes; returns whether it connected, and the log.
+fn agent_with_cert_file(
+    url: &str,
+    cert_file: &std::path::Path,
+    within: Duration,
+) -> (bool, String) {
+    use std::io::Read;
+    let db = common::scratch_dir("sys-roots").join("tether.db");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+        .args(["--models"])
+        .arg(models::default_zoo_dir())
+        .args(["run", "--broker", url, "--device-id", "sys-roots", "--db"])
+        .arg(&db)
+        .env("SSL_CERT_FILE", cert_file)
+        .env_remove("SSL_CERT_DIR")
+        .env("RUST_LOG", "info")
+        .env("TETHER_LOG_FORMAT", "text")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + within;
+    let mut log = Vec::new();
+    let mut connected = false;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        if let Ok(chunk) = rx.recv_timeout(left.min(Duration::from_millis(100))) {
+            log.extend(chunk);
+        }
+        if String::from_utf8_lossy(&log).contains("Connected to the MQTT broker") {
+            connected = true;
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    (connected, String::from_utf8_lossy(&log).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Mosquitto: cargo test -p agent --test mosquitto -- --ignored"]
+async fn mqtts_without_a_ca_file_verifies_against_the_system_roots() {
+    let broker = Mosquitto::start_with(|dir| {
+        make_certificates(dir);
+        format!(
+            "cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nallow_anonymous true\n",
+            d = dir.display()
+        )
+    });
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    // The test CA is the system's root store (rustls-native-certs reads SSL_CERT_FILE).
+    let (connected, log) = tokio::task::spawn_blocking({
+        let (url, ca) = (url.clone(), broker.dir.join("ca.pem"));
+        move || agent_with_cert_file(&url, &ca, Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    assert!(
+        connected,
+        "trusting the system's roots, it connects:\n{log}"
+    );
+    // A store without that CA: the broker's certificate is refused, and the agent never connects.
+    let other = broker.dir.join("other-ca");
+    std::fs::create_dir_all(&other).unwrap();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=another-ca 2>/dev/null")
+        .current_dir(&other)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (connected, log) = tokio::task::spawn_blocking(move || {
+        agent_with_cert_file(&url, &other.join("ca.pem"), Duration::from_secs(4))
+    })
+    .await
+    .unwrap();
+    assert!(!connected, "an unknown issuer is refused:\n{log}");
+    assert!(
+        log.contains("UnknownIssuer")
+            || log.contains("unknown issuer")
+            || log.contains("certificate"),
+        "the log names the certificate problem:\n{log}"
+    );
+}

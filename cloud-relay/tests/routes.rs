@@ -494,6 +494,35 @@ async fn artifacts_with_etag_and_ranges() {
         h[header::CONTENT_RANGE],
         format!("bytes 100-{}/{}", file.len() - 1, file.len()).as_str()
     );
+    // If-Range naming this file resumes; naming another (the file changed) starts over.
+    let (s, _, body) = call(
+        &state,
+        Request::get(uri)
+            .header(header::RANGE, "bytes=100-")
+            .header(header::IF_RANGE, format!("\"{}\"", spec.sha256))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, body.len()),
+        (StatusCode::PARTIAL_CONTENT, file.len() - 100)
+    );
+    let (s, _, body) = call(
+        &state,
+        Request::get(uri)
+            .header(header::RANGE, "bytes=100-")
+            .header(header::IF_RANGE, "\"0000\"")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, body), (StatusCode::OK, file.clone()));
+    // HEAD: the headers alone.
+    let (s, h, body) = call(&state, Request::head(uri).body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body.is_empty());
+    assert_eq!(h[header::CONTENT_LENGTH], file.len().to_string().as_str());
     let (s, _, _) = call(
         &state,
         Request::get(uri)

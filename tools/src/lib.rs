@@ -8,5 +8,6 @@ pub mod demo;
 pub mod escalation;
 pub mod loadgen;
 pub mod operator;
+pub mod package;
 pub mod store_bench;
 pub mod stream;

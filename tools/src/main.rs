@@ -186,6 +186,12 @@ enum Command {
         #[command(subcommand)]
         action: FleetAction,
     },
+    /// Write tether-agent's man page and bash, zsh and fish completions into DIR, for the
+    /// Debian package (run before `cargo deb`).
+    PackageAssets {
+        #[arg(long, value_name = "DIR", default_value = "target/assets")]
+        out: PathBuf,
+    },
     /// Send one inference request to an agent through a broker (MQTT v5) and print the reply.
     Request {
         /// The broker: mqtt://host:port.
@@ -270,6 +276,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             workers,
         } => bench_mqtt(models, broker, &model, &concurrency, seconds, workers),
         Command::Fleet { action } => fleet_command(action),
+        Command::PackageAssets { out } => {
+            for path in tools::package::write_assets(&out)? {
+                print_stdout(&path.display().to_string())?;
+            }
+            Ok(())
+        }
         Command::Request {
             broker,
             device_id,

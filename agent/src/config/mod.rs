@@ -11,12 +11,13 @@ mod inference;
 mod mqtt;
 mod policy;
 mod relay;
+pub mod reload;
 mod sensors;
 mod store;
 
 pub use fleet::{FleetConfig, HealthRule, RawFleet, TrustedKeys};
 pub use inference::{InferenceConfig, RawInference};
-pub use mqtt::{MqttConfig, Protocol, RawMqtt, TlsConfig};
+pub use mqtt::{MqttConfig, Protocol, RawMqtt, Roots, TlsConfig, client_auth_der};
 pub use policy::{BreakerConfig, Limits, Mode, Policy, PolicyConfig, RawModelPolicy, RawPolicy};
 pub use relay::{RawRelay, RelayConfig};
 pub use sensors::{
@@ -116,6 +117,10 @@ pub struct RawConfig {
     /// `[[actuators]]`: outputs driven by the sensors' results.
     pub actuators: Vec<RawActuator>,
 }
+
+/// Every key with its default value and a comment, as `tether-agent config defaults` prints
+/// it (a test holds it to [`RawConfig::default`]).
+pub const DEFAULTS_TOML: &str = include_str!("../../deploy/agent.defaults.toml");
 
 /// `[metrics]`: the Prometheus endpoint.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -283,6 +288,12 @@ impl RawConfig {
                 inference.queue
             ));
         }
+        if inference.queue_bytes < 64 * 1024 {
+            errors.push(format!(
+                "inference.queue_bytes is {}; use at least 65536",
+                inference.queue_bytes
+            ));
+        }
         if inference.max_elements == 0 {
             errors.push("inference.max_elements must be positive".into());
         }
@@ -344,6 +355,7 @@ impl RawConfig {
                 inference: InferenceConfig {
                     workers,
                     queue: inference.queue,
+                    queue_bytes: inference.queue_bytes,
                     max_elements: inference.max_elements,
                     top_k: inference.top_k,
                     emulated_service: Duration::from_secs_f64(
@@ -504,6 +516,15 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_defaults_are_exactly_the_defaults() {
+        let text = DEFAULTS_TOML;
+        let parsed: toml::Value = toml::from_str(text).unwrap();
+        let defaults = toml::Value::try_from(RawConfig::default()).unwrap();
+        assert_eq!(parsed, defaults, "agent/deploy/agent.defaults.toml drifted");
+        assert!(from_toml(text).is_ok());
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once() {
         let raw = from_toml(
             r##"
@@ -584,11 +605,22 @@ preload = ["digits", "../x"]
     }
 
     #[test]
-    fn mqtts_needs_a_ca_and_both_halves_of_a_client_cert() {
+    fn mqtts_needs_both_halves_of_a_client_cert_and_no_ca_file() {
         let raw = from_toml("[mqtt]\nbroker = \"mqtts://b\"\nclient_cert = \"/nonexistent.pem\"\n")
             .unwrap();
         let text = raw.validate(|| Some("d".into())).unwrap_err().to_string();
-        assert!(text.contains("mqtt.ca_file is not set"), "{text}");
         assert!(text.contains("go together"), "{text}");
+        // Without ca_file the system's roots are used (or their absence named).
+        assert!(!text.contains("ca_file"), "{text}");
+        let junk = std::env::temp_dir().join(format!("tether-junk-pem-{}", std::process::id()));
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let raw = from_toml(&format!(
+            "[mqtt]\nbroker = \"mqtts://b\"\nclient_cert = \"{j}\"\nclient_key = \"{j}\"\nca_file = \"{j}\"\n",
+            j = junk.display()
+        ))
+        .unwrap();
+        let text = raw.validate(|| Some("d".into())).unwrap_err().to_string();
+        std::fs::remove_file(&junk).unwrap();
+        assert!(text.contains("mqtt.client_cert holds no"), "{text}");
     }
 }

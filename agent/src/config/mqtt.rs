@@ -85,10 +85,61 @@ pub struct MqttConfig {
 
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
-    /// PEM CA bundle; `None` trusts nothing but what the client cert implies (refused at
-    /// validation: mqtts needs a CA file).
-    pub ca_pem: Vec<u8>,
+    pub roots: Roots,
+    /// PEM certificate chain and private key, for mutual TLS.
     pub client_auth: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Whom the broker's certificate must chain to.
+#[derive(Debug, Clone)]
+pub enum Roots {
+    /// The PEM bundle of `mqtt.ca_file`.
+    CaFile(Vec<u8>),
+    /// The system's root certificates (`SSL_CERT_FILE`/`SSL_CERT_DIR`, else the distribution's
+    /// store, as `rustls-native-certs` finds them), read at start-up, DER-encoded.
+    System(Vec<Vec<u8>>),
+}
+
+/// A PEM certificate chain and private key, parsed; or why they cannot be used.
+pub fn client_auth_der(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<
+    (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("mqtt.client_cert holds no readable PEM certificate ({e})"))?;
+    if chain.is_empty() {
+        return Err("mqtt.client_cert holds no PEM certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("mqtt.client_key holds no readable PEM private key ({e})"))?;
+    Ok((chain, key))
+}
+
+/// The system's root certificates, or a sentence saying none were found.
+fn system_roots() -> Result<Vec<Vec<u8>>, String> {
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!(error = %e, "A system root certificate could not be read.");
+    }
+    if found.certs.is_empty() {
+        return Err(format!(
+            "mqtt.broker is mqtts:// without mqtt.ca_file, and no system root certificates were found ({}): install the ca-certificates package, or name the PEM CA that signs the broker in mqtt.ca_file",
+            found
+                .errors
+                .first()
+                .map_or_else(|| "the store is empty".to_owned(), ToString::to_string)
+        ));
+    }
+    Ok(found.certs.into_iter().map(|c| c.to_vec()).collect())
 }
 
 impl RawMqtt {
@@ -127,12 +178,12 @@ impl RawMqtt {
             }
         };
         let tls = if tls_wanted {
-            let ca = match &m.ca_file {
-                Some(p) => read("ca_file", p, errors),
-                None => {
-                    errors.push("mqtt.broker is mqtts:// but mqtt.ca_file is not set: name the PEM CA that signs the broker".into());
-                    None
-                }
+            let roots = match &m.ca_file {
+                Some(p) => read("ca_file", p, errors).map(Roots::CaFile),
+                None => system_roots()
+                    .map_err(|e| errors.push(e))
+                    .ok()
+                    .map(Roots::System),
             };
             let client_auth = match (&m.client_cert, &m.client_key) {
                 (Some(c), Some(k)) => {
@@ -147,10 +198,12 @@ impl RawMqtt {
                     None
                 }
             };
-            ca.map(|ca_pem| TlsConfig {
-                ca_pem,
-                client_auth,
-            })
+            if let Some((cert, key)) = &client_auth
+                && let Err(e) = client_auth_der(cert, key)
+            {
+                errors.push(e);
+            }
+            roots.map(|roots| TlsConfig { roots, client_auth })
         } else {
             if m.ca_file.is_some() || m.client_cert.is_some() {
                 errors.push("mqtt.ca_file and mqtt.client_cert need an mqtts:// broker".into());

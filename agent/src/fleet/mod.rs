@@ -27,10 +27,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RawConfig};
-use crate::live::{Live, Settings};
+use crate::live::{Live, Settings, Switch};
 use crate::mqtt::{Client, Message};
 use crate::pipeline::RunCounters;
-use crate::store::{FleetRow, Limits, StoreHandle, now_ms};
+use crate::store::{FleetRow, StoreHandle, now_ms};
 use doc::{Desired, DocTopics, Document, Source};
 use download::Fetcher;
 use envelope::{Open as _, TrustedKeys};
@@ -142,8 +142,7 @@ pub struct Status {
     pub retain: bool,
 }
 
-/// Changes the process's log filter (set up by `main`); tests run without one.
-pub type LogControl = Arc<dyn Fn(Option<&str>) -> Result<(), String> + Send + Sync>;
+pub use crate::live::LogControl;
 
 /// A document in force, with the envelope it came in.
 #[derive(Debug, Clone)]
@@ -171,7 +170,8 @@ pub struct FleetContext {
     pub base_raw: RawConfig,
     pub keys: TrustedKeys,
     pub topics: DocTopics,
-    pub live: Live,
+    /// Puts settings in force (and holds the live settings).
+    pub switch: Switch,
     /// The zoo's models as loaded at start: what a document that names no model runs.
     pub base_engine: Engine,
     pub engine_config: EngineConfig,
@@ -179,10 +179,6 @@ pub struct FleetContext {
     pub fetcher: Fetcher,
     pub runs: Arc<RunCounters>,
     pub health: HealthRule,
-    pub telemetry_interval: watch::Sender<Duration>,
-    /// Bumped after every switch: the device's retained status is published again.
-    pub status_refresh: watch::Sender<u64>,
-    pub log: Option<LogControl>,
 }
 
 impl std::fmt::Debug for FleetContext {
@@ -313,7 +309,7 @@ impl Fleet {
             &list,
             self.cx.base_engine.manifest(),
         )?;
-        let current = self.cx.live.get();
+        let current = self.cx.switch.live.get();
         let mut changes = Vec::new();
         for (name, entry) in &desired.models {
             let Some(update) = entry else {
@@ -385,27 +381,34 @@ impl Fleet {
     }
 
     fn switch_arc(&self, settings: Arc<Settings>, desired: Option<&Desired>) {
-        self.cx.live.set_arc(settings);
         let config = desired.map_or(&self.cx.config, |d| &d.config);
-        let (c, o) = (&config.store.cache, &config.store.outbox);
-        let store = self.cx.store.clone();
-        let limits = Limits {
-            cache_max_rows: c.max_rows,
-            cache_max_bytes: c.max_bytes,
-            outbox_max_rows: o.max_rows,
-            outbox_max_bytes: o.max_bytes,
-        };
-        tokio::spawn(async move { store.set_limits(limits).await });
         let interval = desired
             .and_then(|d| d.telemetry_interval)
-            .unwrap_or(self.cx.config.fleet.telemetry_interval);
-        self.cx.telemetry_interval.send_replace(interval);
-        if let Some(log) = &self.cx.log
-            && let Err(e) = log(desired.and_then(|d| d.log_level.as_deref()))
-        {
-            tracing::warn!(error = %e, "Cannot change the log level.");
+            .unwrap_or(config.fleet.telemetry_interval);
+        self.cx.switch.apply(
+            settings,
+            config,
+            interval,
+            desired.and_then(|d| d.log_level.as_deref()),
+        );
+    }
+
+    /// agent.toml was read again (SIGHUP): the documents in force are applied again on the
+    /// new base, through the same switch, without a health check (no model changes hands).
+    /// Only what the switch applies changes: the rest of `config` waits for a restart.
+    pub async fn rebase(&mut self, config: Config) {
+        self.cx.base_raw = config.raw;
+        let docs = self.in_force.clone();
+        match self.build(&docs).await {
+            Ok((settings, desired)) => {
+                self.switch(settings, &desired);
+                self.desired = Some(desired);
+                tracing::info!("agent.toml applied beneath the fleet documents in force.");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "agent.toml was read again but cannot be applied beneath the fleet documents in force; the configuration in force stays.");
+            }
         }
-        self.cx.status_refresh.send_modify(|n| *n += 1);
     }
 
     fn status(
@@ -436,7 +439,7 @@ impl Fleet {
             state,
             code,
             error,
-            config_version: self.cx.live.get().config_version.clone(),
+            config_version: self.cx.switch.live.get().config_version.clone(),
             ts_ms: now_ms(),
         }
     }
@@ -496,7 +499,7 @@ impl Fleet {
         tracing::info!(source = %source.label(), version, "Applying a fleet document.");
         match self.build(&candidate).await {
             Ok((settings, desired)) => {
-                let previous = self.cx.live.get();
+                let previous = self.cx.switch.live.get();
                 self.switch(settings, &desired);
                 let previous_desired = self.desired.replace(desired);
                 let previous_docs = std::mem::replace(&mut self.in_force, candidate);
@@ -514,7 +517,7 @@ impl Fleet {
                     previous_docs,
                 });
                 self.save().await;
-                tracing::info!(source = %source.label(), version, config_version = self.cx.live.get().config_version.as_deref().unwrap_or("local"), "Fleet configuration applied; health check running.");
+                tracing::info!(source = %source.label(), version, config_version = self.cx.switch.live.get().config_version.as_deref().unwrap_or("local"), "Fleet configuration applied; health check running.");
                 out.push(self.status(Some(&source), Some(version), Ok(())));
             }
             Err(r) => {
@@ -600,6 +603,7 @@ impl Fleet {
                     failed,
                     config_version = self
                         .cx
+                        .switch
                         .live
                         .get()
                         .config_version
@@ -660,6 +664,7 @@ impl Fleet {
     pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<Message>,
+        mut reloads: mpsc::Receiver<Config>,
         client: Client,
         stop: CancellationToken,
     ) {
@@ -683,6 +688,10 @@ impl Fleet {
                     // Handled (and what it changed saved): the driver acknowledges it.
                     m.ticket.commit();
                     s
+                }
+                Some(config) = reloads.recv() => {
+                    self.rebase(config).await;
+                    Vec::new()
                 }
                 _ = tick.tick() => self.settle(false).await.into_iter().collect(),
             };

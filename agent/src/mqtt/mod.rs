@@ -11,6 +11,7 @@ pub mod acks;
 pub mod driver;
 pub mod publisher;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,7 +19,7 @@ use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::v5::mqttbytes::v5::{self, Filter, PublishProperties};
 use rumqttc::{TlsConfiguration, Transport};
 
-use crate::config::{MqttConfig, Protocol};
+use crate::config::{MqttConfig, Protocol, Roots, TlsConfig, client_auth_der};
 use crate::ticket::Ticket;
 
 pub use driver::{Driver, OutboxFeed, Retained};
@@ -103,13 +104,7 @@ pub fn connect(
     let persistent = matches!(session, Session::Device { .. });
     // Replies can be as large as requests (a probability map is as big as its image).
     let max_packet = cfg.max_payload_bytes.saturating_mul(2).max(1 << 20);
-    let transport = cfg.tls.as_ref().map(|tls| {
-        Transport::tls_with_config(TlsConfiguration::Simple {
-            ca: tls.ca_pem.clone(),
-            alpn: None,
-            client_auth: tls.client_auth.clone(),
-        })
-    });
+    let transport = cfg.tls.as_ref().map(transport);
     match cfg.protocol {
         Protocol::V5 => {
             let mut o = rumqttc::v5::MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
@@ -172,6 +167,59 @@ pub fn connect(
             let (c, mut e) = rumqttc::AsyncClient::new(o, capacity);
             e.set_network_options(no_delay());
             (Client::V311(c), EventLoop::V311(e))
+        }
+    }
+}
+
+/// TLS to the broker: against `mqtt.ca_file`, else the system's root certificates.
+fn transport(tls: &TlsConfig) -> Transport {
+    match &tls.roots {
+        Roots::CaFile(ca) => Transport::tls_with_config(TlsConfiguration::Simple {
+            ca: ca.clone(),
+            alpn: None,
+            client_auth: tls.client_auth.clone(),
+        }),
+        Roots::System(certs) => {
+            let mut store = rustls::RootCertStore::empty();
+            let (added, _) = store.add_parsable_certificates(
+                certs
+                    .iter()
+                    .map(|c| rustls::pki_types::CertificateDer::from(c.clone())),
+            );
+            tracing::debug!(
+                roots = added,
+                "Verifying the broker against the system's root certificates."
+            );
+            let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map(|b| b.with_root_certificates(store));
+            // Checked at validation: the protocol versions are rustls's own defaults, and the
+            // client certificate and key parsed there.
+            let config = builder
+                .map_err(|e| e.to_string())
+                .and_then(|b| match &tls.client_auth {
+                    None => Ok(b.with_no_client_auth()),
+                    Some((cert, key)) => {
+                        let (chain, key) = client_auth_der(cert, key)?;
+                        b.with_client_auth_cert(chain, key)
+                            .map_err(|e| e.to_string())
+                    }
+                });
+            match config {
+                Ok(c) => Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(c))),
+                Err(e) => {
+                    // Unreachable after validation; a connection that fails its handshake
+                    // says so in the log rather than the process stopping.
+                    tracing::error!(error = %e, "The TLS configuration for the broker could not be built.");
+                    Transport::tls_with_config(TlsConfiguration::Simple {
+                        ca: Vec::new(),
+                        alpn: None,
+                        client_auth: None,
+                    })
+                }
+            }
         }
     }
 }

@@ -183,7 +183,7 @@ impl Worker {
             ts_ms: now_ms(),
             model: response.model_name.clone(),
             model_sha256: prepared.model.sha256().to_owned(),
-            input_sha256: Sha256::digest(&input).into(),
+            input_sha256: Sha256::digest(&input),
             input: (h.inputs == HistoryInputs::Store).then(|| input.to_vec()),
             output: serde_json::to_vec(&response.outputs).unwrap_or_default(),
             route: "local".to_owned(),
