@@ -14,16 +14,102 @@ use cloud_relay::config::RawConfig;
 )]
 struct Cli {
     /// relay.toml; every key is optional (see README.md).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "TETHER_RELAY_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on (default 127.0.0.1:8080).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "TETHER_RELAY_LISTEN")]
     listen: Option<String>,
     /// Model directory with MANIFEST.toml (default: the zoo's cloud variants).
     #[arg(long, value_name = "DIR", env = "TETHER_RELAY_MODELS")]
     models: Option<PathBuf>,
+    #[command(flatten)]
+    keys: KeyFlags,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// relay.toml keys a deployment sets per environment (a Kubernetes Deployment's `env:`), as
+/// flags or environment variables; each overrides the file.
+#[derive(Debug, clap::Args)]
+struct KeyFlags {
+    /// `variant`: which file of each model to serve (cloud, device or source).
+    #[arg(long, value_name = "VARIANT", env = "TETHER_RELAY_VARIANT")]
+    variant: Option<String>,
+    /// `workers`: inference threads running at once.
+    #[arg(long, value_name = "N", env = "TETHER_RELAY_WORKERS")]
+    workers: Option<usize>,
+    /// `shutdown_grace_ms`: how long a stop may take to drain requests in flight.
+    #[arg(long, value_name = "MS", env = "TETHER_RELAY_SHUTDOWN_GRACE_MS")]
+    shutdown_grace_ms: Option<u64>,
+    /// `limits.max_body_bytes`: the largest request body (413 beyond).
+    #[arg(long, value_name = "BYTES", env = "TETHER_RELAY_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// `limits.request_timeout_ms`: each request's deadline, reading its body included.
+    #[arg(long, value_name = "MS", env = "TETHER_RELAY_REQUEST_TIMEOUT_MS")]
+    request_timeout_ms: Option<u64>,
+    /// `limits.header_timeout_ms`: how long a client may take to send its headers.
+    #[arg(long, value_name = "MS", env = "TETHER_RELAY_HEADER_TIMEOUT_MS")]
+    header_timeout_ms: Option<u64>,
+    /// `limits.max_connections`: open connections at most.
+    #[arg(long, value_name = "N", env = "TETHER_RELAY_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// `limits.max_parse_bytes`: request bodies parsed at once, in bytes.
+    #[arg(long, value_name = "BYTES", env = "TETHER_RELAY_MAX_PARSE_BYTES")]
+    max_parse_bytes: Option<usize>,
+    /// `auth.rate_limit_rps`: requests per second each device may make.
+    #[arg(long, value_name = "RPS", env = "TETHER_RELAY_RATE_LIMIT_RPS")]
+    rate_limit_rps: Option<f64>,
+    /// `auth.rate_limit_burst`: the burst above it.
+    #[arg(long, value_name = "N", env = "TETHER_RELAY_RATE_LIMIT_BURST")]
+    rate_limit_burst: Option<f64>,
+}
+
+impl KeyFlags {
+    /// Sets the keys given on `raw`.
+    fn apply(self, raw: &mut RawConfig) {
+        let KeyFlags {
+            variant,
+            workers,
+            shutdown_grace_ms,
+            max_body_bytes,
+            request_timeout_ms,
+            header_timeout_ms,
+            max_connections,
+            max_parse_bytes,
+            rate_limit_rps,
+            rate_limit_burst,
+        } = self;
+        if let Some(v) = variant {
+            raw.variant = v;
+        }
+        if workers.is_some() {
+            raw.workers = workers;
+        }
+        if let Some(v) = shutdown_grace_ms {
+            raw.shutdown_grace_ms = v;
+        }
+        if let Some(v) = max_body_bytes {
+            raw.limits.max_body_bytes = v;
+        }
+        if let Some(v) = request_timeout_ms {
+            raw.limits.request_timeout_ms = v;
+        }
+        if let Some(v) = header_timeout_ms {
+            raw.limits.header_timeout_ms = v;
+        }
+        if let Some(v) = max_connections {
+            raw.limits.max_connections = v;
+        }
+        if max_parse_bytes.is_some() {
+            raw.limits.max_parse_bytes = max_parse_bytes;
+        }
+        if let Some(v) = rate_limit_rps {
+            raw.auth.rate_limit_rps = v;
+        }
+        if let Some(v) = rate_limit_burst {
+            raw.auth.rate_limit_burst = v;
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,12 +189,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         if cli.models.is_some() {
             raw.models_dir = cli.models;
         }
+        cli.keys.apply(&mut raw);
         return bench(raw, &models, &concurrency, seconds, batch);
     }
     let mut raw = RawConfig::load(cli.config.as_deref())?;
     if let Some(listen) = cli.listen {
         raw.listen = listen;
     }
+    cli.keys.apply(&mut raw);
     if cli.models.is_some() {
         raw.models_dir = cli.models;
     }

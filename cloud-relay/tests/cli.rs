@@ -1,0 +1,90 @@
+//! The `tether-relay` binary: relay.toml keys set from the environment, as a Kubernetes
+//! Deployment sets them, override the file; a bad value is refused with its key named.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One POST on a fresh connection: the whole response.
+fn post(port: u16, path: &str, body: &[u8]) -> String {
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        sock,
+        "POST {path} HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let _ = sock.write_all(body);
+    let mut out = Vec::new();
+    let _ = sock.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn environment_variables_set_relay_toml_keys() {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("tether-relay-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The file says 1 MiB; the environment says 2 KiB, and wins.
+    let file = dir.join("relay.toml");
+    std::fs::write(&file, "[limits]\nmax_body_bytes = 1048576\n").unwrap();
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_tether-relay"))
+        .env("TETHER_RELAY_CONFIG", &file)
+        .env("TETHER_RELAY_LISTEN", format!("127.0.0.1:{port}"))
+        .env("TETHER_RELAY_MODELS", models::default_zoo_dir())
+        .env("TETHER_RELAY_MAX_BODY_BYTES", "2048")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not start listening"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let response = post(port, "/v2/models/digits/infer", &[b' '; 4096]);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("limit of 2048 bytes"), "{response}");
+
+    // A value the key cannot take: refused at start, the key named.
+    let out = Command::new(env!("CARGO_BIN_EXE_tether-relay"))
+        .env_remove("TETHER_RELAY_CONFIG")
+        .env("TETHER_RELAY_LISTEN", "127.0.0.1:0")
+        .env("TETHER_RELAY_MODELS", models::default_zoo_dir())
+        .env("TETHER_RELAY_MAX_CONNECTIONS", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("limits.max_connections"), "{err}");
+    // Not a number at all: clap names the variable's flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_tether-relay"))
+        .env("TETHER_RELAY_WORKERS", "many")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--workers"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
