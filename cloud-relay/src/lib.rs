@@ -43,7 +43,8 @@ pub struct Inner {
     pub engine: Engine,
     pub batchers: BTreeMap<String, Batcher>,
     pub upstream: upstream::Upstreams,
-    pub auth: Auth,
+    /// What a reload (SIGHUP) may change: tokens, rate limits, per-request limits.
+    reloadable: std::sync::RwLock<Arc<Reloadable>>,
     pub metrics: Arc<Metrics>,
     /// Kibibytes of request bodies that may be parsed at once (`limits.max_parse_bytes`).
     pub parse_kib: Semaphore,
@@ -91,21 +92,89 @@ impl State {
             );
         }
         let upstream = upstream::Upstreams::new(&config);
-        let auth = Auth::new(
-            &config.tokens,
-            config.rate_limit_rps,
-            config.rate_limit_burst,
-        );
         let parse_kib = Semaphore::new(config.max_parse_bytes.div_ceil(1024));
         Ok(State(Arc::new(Inner {
             parse_kib,
+            reloadable: std::sync::RwLock::new(Arc::new(Reloadable::from(&config))),
             config,
             engine,
             batchers,
             upstream,
-            auth,
             metrics,
         })))
+    }
+
+    /// The tokens and per-request limits in force (one `Arc` per request).
+    pub fn now(&self) -> Arc<Reloadable> {
+        self.0
+            .reloadable
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts `config`'s tokens, rate limits and per-request limits in force (SIGHUP); returns
+    /// the keys that differ but only a restart applies, which stay as they were.
+    pub fn reload(&self, config: &Config) -> Vec<&'static str> {
+        let now = Arc::new(Reloadable::from(config));
+        *self.0.reloadable.write().unwrap_or_else(|p| p.into_inner()) = now;
+        let old = &self.0.config;
+        let mut restart = Vec::new();
+        let mut differs = |key, changed: bool| {
+            if changed {
+                restart.push(key);
+            }
+        };
+        differs("listen", old.listen != config.listen);
+        differs("models_dir", old.models_dir != config.models_dir);
+        differs("variant", old.variant != config.variant);
+        differs("workers", old.workers != config.workers);
+        differs(
+            "shutdown_grace_ms",
+            old.shutdown_grace != config.shutdown_grace,
+        );
+        differs(
+            "limits.header_timeout_ms",
+            old.header_timeout != config.header_timeout,
+        );
+        differs(
+            "limits.max_connections",
+            old.max_connections != config.max_connections,
+        );
+        differs(
+            "limits.max_parse_bytes",
+            old.max_parse_bytes != config.max_parse_bytes,
+        );
+        differs("batching", old.batching != config.batching);
+        differs(
+            "models",
+            format!("{:?}", old.models) != format!("{:?}", config.models),
+        );
+        restart
+    }
+}
+
+/// The part of the configuration a reload changes in a running relay.
+#[derive(Debug)]
+pub struct Reloadable {
+    pub auth: Auth,
+    pub max_body_bytes: usize,
+    pub max_elements: usize,
+    pub request_timeout: std::time::Duration,
+}
+
+impl From<&Config> for Reloadable {
+    fn from(config: &Config) -> Reloadable {
+        Reloadable {
+            auth: Auth::new(
+                &config.tokens,
+                config.rate_limit_rps,
+                config.rate_limit_burst,
+            ),
+            max_body_bytes: config.max_body_bytes,
+            max_elements: config.max_elements,
+            request_timeout: config.request_timeout,
+        }
     }
 }
 
@@ -123,7 +192,7 @@ pub async fn serve(
 ) -> Result<(), RelayError> {
     let config = &state.0.config;
     let grace = config.shutdown_grace;
-    if !state.0.auth.enabled() {
+    if !state.now().auth.enabled() {
         tracing::warn!(
             "No device tokens are configured: this relay serves anyone who can reach it. Add [[auth.tokens]] to relay.toml."
         );

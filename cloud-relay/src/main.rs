@@ -30,7 +30,7 @@ struct Cli {
 
 /// relay.toml keys a deployment sets per environment (a Kubernetes Deployment's `env:`), as
 /// flags or environment variables; each overrides the file.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 struct KeyFlags {
     /// `variant`: which file of each model to serve (cloud, device or source).
     #[arg(long, value_name = "VARIANT", env = "TETHER_RELAY_VARIANT")]
@@ -192,15 +192,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cli.keys.apply(&mut raw);
         return bench(raw, &models, &concurrency, seconds, batch);
     }
-    let mut raw = RawConfig::load(cli.config.as_deref())?;
-    if let Some(listen) = cli.listen {
-        raw.listen = listen;
-    }
-    cli.keys.apply(&mut raw);
-    if cli.models.is_some() {
-        raw.models_dir = cli.models;
-    }
-    let config = raw.validate()?;
+    // relay.toml, then the environment and flags: at start, and again on SIGHUP.
+    let load = move || -> anyhow::Result<cloud_relay::config::Config> {
+        let mut raw = RawConfig::load(cli.config.as_deref())?;
+        if let Some(listen) = cli.listen.clone() {
+            raw.listen = listen;
+        }
+        if cli.models.is_some() {
+            raw.models_dir = cli.models.clone();
+        }
+        cli.keys.clone().apply(&mut raw);
+        Ok(raw.validate()?)
+    };
+    let config = load()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("relay-io")
@@ -210,7 +214,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let state = cloud_relay::State::build(config)?;
-        cloud_relay::serve(state, listener, shutdown_signal()).await?;
+        let mut hangups =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let reloading = state.clone();
+        // SIGHUP: tokens, rate limits and per-request limits change for the next request; an
+        // invalid file changes nothing; keys only a restart applies are named.
+        let reloads = tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match load() {
+                    Ok(config) => {
+                        let restart = reloading.reload(&config);
+                        if !restart.is_empty() {
+                            tracing::warn!(keys = %restart.join(", "), "relay.toml changed keys that only a restart applies; they stay as they were until then.");
+                        }
+                        tracing::info!("relay.toml read again: tokens, rate limits and request limits applied.");
+                    }
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "relay.toml read again is not valid; the configuration in force stays."),
+                }
+            }
+        });
+        let served = cloud_relay::serve(state, listener, shutdown_signal()).await;
+        reloads.abort();
+        served?;
         anyhow::Ok(())
     })
 }

@@ -63,7 +63,7 @@ fn timed_out(name: &str, state: &State) -> ApiError {
         StatusCode::GATEWAY_TIMEOUT,
         format!(
             "model `{name}` did not answer within this request's deadline ({} ms at most: limits.request_timeout_ms, or the caller's {BUDGET_HEADER})",
-            state.0.config.request_timeout.as_millis()
+            state.now().request_timeout.as_millis()
         ),
     )
 }
@@ -94,7 +94,7 @@ fn authorize(state: &State, headers: &HeaderMap, model: &str) -> Result<Option<D
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let device = state.0.auth.authenticate(auth)?;
+    let device = state.now().auth.authenticate(auth)?;
     if let Some(d) = &device {
         d.check_model(model)?;
     }
@@ -300,7 +300,7 @@ pub const BUDGET_HEADER: &str = "tether-budget-ms";
 /// When this request must be answered: the relay's `limits.request_timeout_ms` from its start,
 /// or sooner when the caller's budget header says so.
 fn deadline(state: &State, headers: &HeaderMap, started: Instant) -> Result<Instant, ApiError> {
-    let mut allowed = state.0.config.request_timeout;
+    let mut allowed = state.now().request_timeout;
     if let Some(v) = headers.get(BUDGET_HEADER) {
         let ms = v
             .to_str()
@@ -327,10 +327,10 @@ async fn infer_inner(
 ) -> Result<Response, ApiError> {
     let device = authorize(state, headers, name)?;
     if let Some(d) = &device {
-        state.0.auth.admit(&d.id, Instant::now())?;
+        state.now().auth.admit(&d.id, Instant::now())?;
     }
     check_version(state, name, version)?;
-    let limit = state.0.config.max_body_bytes;
+    let limit = state.now().max_body_bytes;
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -355,7 +355,7 @@ async fn infer_inner(
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
                     "the request body did not arrive within {} ms (limits.request_timeout_ms)",
-                    state.0.config.request_timeout.as_millis()
+                    state.now().request_timeout.as_millis()
                 ),
             )
         })?
@@ -417,7 +417,7 @@ async fn infer_inner(
         .map_err(|_| {
             ApiError::unavailable("the relay is shutting down; retry on another instance")
         })?;
-    let parsed = binary::parse_request(&bytes, json_len, state.0.config.max_elements);
+    let parsed = binary::parse_request(&bytes, json_len, state.now().max_elements);
     drop(permit);
     drop(bytes);
     let (request, inputs) = parsed?;

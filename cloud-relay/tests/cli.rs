@@ -16,13 +16,13 @@ fn free_port() -> u16 {
 }
 
 /// One POST on a fresh connection: the whole response.
-fn post(port: u16, path: &str, body: &[u8]) -> String {
+fn post(port: u16, path: &str, body: &[u8], extra: &str) -> String {
     let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     write!(
         sock,
-        "POST {path} HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "POST {path} HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n",
         body.len()
     )
     .unwrap();
@@ -58,7 +58,7 @@ fn environment_variables_set_relay_toml_keys() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let response = post(port, "/v2/models/digits/infer", &[b' '; 4096]);
+    let response = post(port, "/v2/models/digits/infer", &[b' '; 4096], "");
     let _ = relay.kill();
     let _ = relay.wait();
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
@@ -87,4 +87,89 @@ fn environment_variables_set_relay_toml_keys() {
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn infer_with(port: u16, token: &str) -> String {
+    let body = serde_json::json!({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": vec![0.5f32; 64]}]}).to_string();
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        sock,
+        "POST /v2/models/digits/infer HTTP/1.1\r\nhost: relay\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = sock.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn sighup_replaces_tokens_and_limits() {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("tether-relay-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("relay.toml");
+    let write = |token: &str, max_body: usize| {
+        std::fs::write(
+            &file,
+            format!(
+                "[limits]\nmax_body_bytes = {max_body}\n[[auth.tokens]]\ndevice_id = \"pi-1\"\nsha256 = \"{}\"\n",
+                cloud_relay::auth::hash_token(token)
+            ),
+        )
+        .unwrap();
+    };
+    write("tok-a", 1 << 20);
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_tether-relay"))
+        .args(["--config", file.to_str().unwrap()])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("TETHER_RELAY_MODELS", models::default_zoo_dir())
+        .env_remove("TETHER_RELAY_MAX_BODY_BYTES")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not start listening"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a = infer_with(port, "tok-a");
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    assert!(infer_with(port, "tok-b").starts_with("HTTP/1.1 401"));
+
+    write("tok-b", 2048);
+    let hup = Command::new("kill")
+        .args(["-HUP", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !infer_with(port, "tok-b").starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "the new token was not taken");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a = infer_with(port, "tok-a");
+    let big = post(
+        port,
+        "/v2/models/digits/infer",
+        &[b' '; 4096],
+        "authorization: Bearer tok-b\r\n",
+    );
+    let alive = relay.try_wait().unwrap().is_none();
+    let _ = relay.kill();
+    let _ = relay.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(alive, "SIGHUP must not stop the relay");
+    assert!(a.starts_with("HTTP/1.1 401"), "the old token is gone: {a}");
+    assert!(
+        big.starts_with("HTTP/1.1 413"),
+        "the new body limit holds: {big}"
+    );
 }

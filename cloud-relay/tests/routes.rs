@@ -656,3 +656,29 @@ async fn upstream_mode_forwards_to_a_second_relay() {
     assert_eq!(s, StatusCode::BAD_GATEWAY, "{v}");
     assert!(error_of(&v).contains("did not answer"));
 }
+
+#[tokio::test]
+async fn a_reload_names_the_keys_only_a_restart_applies() {
+    let state = state_with(|_| {});
+    let mut raw = RawConfig {
+        models_dir: Some(models::default_zoo_dir()),
+        ..RawConfig::default()
+    };
+    raw.listen = state.0.config.listen.to_string();
+    raw.workers = Some(state.0.config.workers + 1);
+    raw.limits.max_connections = 7;
+    raw.limits.max_body_bytes = 4096;
+    let config = raw.validate().unwrap();
+    let restart = state.reload(&config);
+    // max_parse_bytes follows max_body_bytes by default: the parse budget is sized at start.
+    assert_eq!(
+        restart,
+        [
+            "workers",
+            "limits.max_connections",
+            "limits.max_parse_bytes"
+        ]
+    );
+    assert_eq!(state.now().max_body_bytes, 4096, "applied at once");
+    assert!(state.reload(&state.0.config.clone()).is_empty());
+}
