@@ -320,17 +320,15 @@ pub async fn run(
     let (status_refresh_tx, status_refresh_rx) = watch::channel(0u64);
     let (telemetry_tx, telemetry_rx) = watch::channel(config.fleet.telemetry_interval);
     let stop_drivers = CancellationToken::new();
-    let fleet = start_fleet(
-        &config,
-        &engine_config,
-        &live,
-        &store,
-        &routing,
-        &telemetry_tx,
-        &status_refresh_tx,
-        &stop_drivers,
-    )
-    .await?;
+    // How settings are put in force, by fleet documents and by reloads of agent.toml alike.
+    let switch = live::Switch {
+        live: live.clone(),
+        store: store.clone(),
+        telemetry_interval: telemetry_tx.clone(),
+        status_refresh: status_refresh_tx.clone(),
+        log: LOG_CONTROL.get().cloned(),
+    };
+    let fleet = start_fleet(&config, &engine_config, &switch, &routing, &stop_drivers).await?;
     let mut drivers: Vec<JoinHandle<()>> = Vec::new();
     let intake = pipeline.intake();
     // The device's own connection: requests, the outbox, the status.
@@ -397,13 +395,7 @@ pub async fn run(
         drivers.extend(start_fleet_connection(&config, f, reload_rx, &stop_drivers));
     }
     let reloader = Reloader {
-        switch: live::Switch {
-            live: live.clone(),
-            store: store.clone(),
-            telemetry_interval: telemetry_tx.clone(),
-            status_refresh: status_refresh_tx.clone(),
-            log: LOG_CONTROL.get().cloned(),
-        },
+        switch,
         started_with: Arc::new(config.clone()),
         fleet: fleet_reloads,
     };
@@ -664,20 +656,14 @@ fn start_embedded_broker(
 
 /// The fleet's side, when keys are configured: restored from the database before the first
 /// request.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the wiring of one task: each argument is a different piece of the agent"
-)]
 async fn start_fleet(
     config: &Config,
     engine_config: &EngineConfig,
-    live: &live::Live,
-    store: &store::StoreHandle,
+    switch: &live::Switch,
     routing: &pipeline::Routing,
-    telemetry_tx: &watch::Sender<Duration>,
-    status_refresh_tx: &watch::Sender<u64>,
     stop: &CancellationToken,
 ) -> Result<Option<Box<fleet::Fleet>>, AgentError> {
+    let (live, store) = (&switch.live, &switch.store);
     if config.fleet.keys.is_empty() {
         if !config.fleet.groups.is_empty() {
             tracing::warn!(
@@ -710,13 +696,7 @@ async fn start_fleet(
             &config.device_id,
             &config.fleet.groups,
         ),
-        switch: live::Switch {
-            live: live.clone(),
-            store: store.clone(),
-            telemetry_interval: telemetry_tx.clone(),
-            status_refresh: status_refresh_tx.clone(),
-            log: LOG_CONTROL.get().cloned(),
-        },
+        switch: switch.clone(),
         base_engine: live.get().engine.clone(),
         engine_config: engine_config.clone(),
         store: store.clone(),

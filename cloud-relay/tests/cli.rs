@@ -15,6 +15,26 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Starts the relay `cmd` describes (serving the zoo) and waits until it listens on `port`.
+fn start(cmd: &mut Command, port: u16) -> std::process::Child {
+    let child = cmd
+        .env("TETHER_RELAY_MODELS", models::default_zoo_dir())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not start listening"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 /// One POST on a fresh connection: the whole response.
 fn post(port: u16, path: &str, body: &[u8], extra: &str) -> String {
     let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -40,24 +60,13 @@ fn environment_variables_set_relay_toml_keys() {
     // The file says 1 MiB; the environment says 2 KiB, and wins.
     let file = dir.join("relay.toml");
     std::fs::write(&file, "[limits]\nmax_body_bytes = 1048576\n").unwrap();
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_tether-relay"))
-        .env("TETHER_RELAY_CONFIG", &file)
-        .env("TETHER_RELAY_LISTEN", format!("127.0.0.1:{port}"))
-        .env("TETHER_RELAY_MODELS", models::default_zoo_dir())
-        .env("TETHER_RELAY_MAX_BODY_BYTES", "2048")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the relay did not start listening"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut relay = start(
+        Command::new(env!("CARGO_BIN_EXE_tether-relay"))
+            .env("TETHER_RELAY_CONFIG", &file)
+            .env("TETHER_RELAY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("TETHER_RELAY_MAX_BODY_BYTES", "2048"),
+        port,
+    );
     let response = post(port, "/v2/models/digits/infer", &[b' '; 4096], "");
     let _ = relay.kill();
     let _ = relay.wait();
@@ -91,18 +100,12 @@ fn environment_variables_set_relay_toml_keys() {
 
 fn infer_with(port: u16, token: &str) -> String {
     let body = serde_json::json!({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": vec![0.5f32; 64]}]}).to_string();
-    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    write!(
-        sock,
-        "POST /v2/models/digits/infer HTTP/1.1\r\nhost: relay\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
+    post(
+        port,
+        "/v2/models/digits/infer",
+        body.as_bytes(),
+        &format!("authorization: Bearer {token}\r\n"),
     )
-    .unwrap();
-    let mut out = Vec::new();
-    let _ = sock.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[test]
@@ -122,24 +125,13 @@ fn sighup_replaces_tokens_and_limits() {
         .unwrap();
     };
     write("tok-a", 1 << 20);
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_tether-relay"))
-        .args(["--config", file.to_str().unwrap()])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("TETHER_RELAY_MODELS", models::default_zoo_dir())
-        .env_remove("TETHER_RELAY_MAX_BODY_BYTES")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the relay did not start listening"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut relay = start(
+        Command::new(env!("CARGO_BIN_EXE_tether-relay"))
+            .args(["--config", file.to_str().unwrap()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env_remove("TETHER_RELAY_MAX_BODY_BYTES"),
+        port,
+    );
     let a = infer_with(port, "tok-a");
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
     assert!(infer_with(port, "tok-b").starts_with("HTTP/1.1 401"));
