@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod routes;
+pub mod tfserving;
 pub mod upstream;
 
 use std::collections::BTreeMap;

@@ -7,7 +7,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State as AxState};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use models::Variant;
@@ -20,6 +20,7 @@ use crate::auth::Device;
 use crate::batcher::Refused;
 use crate::binary;
 use crate::error::ApiError;
+use crate::tfserving;
 
 /// The relay's router.
 pub fn app(state: State) -> Router {
@@ -50,9 +51,20 @@ pub fn app(state: State) -> Router {
             "/v2/models/{name}/versions/{version}/artifact",
             get(artifact),
         )
+        // TensorFlow Serving's REST API (tfserving.rs); `:predict` ends the last segment.
+        .route("/v1/models/{name}", get(tf_status).post(tf_predict))
+        .route("/v1/models/{name}/metadata", get(tf_metadata))
+        .route(
+            "/v1/models/{name}/versions/{version}",
+            get(tf_status_version).post(tf_predict_version),
+        )
+        .route(
+            "/v1/models/{name}/versions/{version}/metadata",
+            get(tf_metadata_version),
+        )
         .route("/metrics", get(metrics))
         .fallback(|| async {
-            ApiError::not_found("no such endpoint; see the Open Inference Protocol's /v2 routes")
+            ApiError::not_found("no such endpoint; see the Open Inference Protocol's /v2 routes and TF Serving's /v1 routes")
         })
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
@@ -330,36 +342,9 @@ async fn infer_inner(
         state.now().auth.admit(&d.id, Instant::now())?;
     }
     check_version(state, name, version)?;
-    let limit = state.now().max_body_bytes;
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the request body is over this relay's limit of {limit} bytes (limits.max_body_bytes)"
-            ),
-        )
-    };
-    // Refused on the header alone, before a byte of the body is read.
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| usize::try_from(n).map_or(true, |n| n > limit)) {
-        return Err(too_large());
-    }
+    // Refused on the header alone, before a byte of the body is read, when it says too much.
+    let bytes = read_body(state, headers, body, deadline).await?;
     let deadline_at = tokio::time::Instant::from_std(deadline);
-    let bytes = tokio::time::timeout_at(deadline_at, axum::body::to_bytes(body, limit))
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "the request body did not arrive within {} ms (limits.request_timeout_ms)",
-                    state.now().request_timeout.as_millis()
-                ),
-            )
-        })?
-        .map_err(|_| too_large())?;
     let header_length = headers
         .get(binary::HEADER)
         .and_then(|v| v.to_str().ok())
@@ -495,6 +480,202 @@ async fn infer_inner(
         }
     }
     Ok(resp)
+}
+
+/// A locally served model for the TF Serving API, after the same checks as `/v2`.
+fn tf_model(
+    state: &State,
+    headers: &HeaderMap,
+    name: &str,
+    version: Option<&str>,
+) -> Result<std::sync::Arc<models::LoadedModel>, ApiError> {
+    authorize(state, headers, name)?;
+    if state.0.upstream.get(name).is_some() {
+        return Err(ApiError::not_found(format!(
+            "model `{name}` is forwarded to an upstream server: call it through /v2/models/{name}/infer"
+        )));
+    }
+    check_version(state, name, version)?;
+    state
+        .0
+        .engine
+        .model(name)
+        .cloned()
+        .map_err(|_| unknown_model(state, name))
+}
+
+async fn tf_status(
+    AxState(state): AxState<State>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let model = tf_model(&state, &headers, &name, None)?;
+    Ok(axum::Json(tfserving::status(&model.spec().version)).into_response())
+}
+
+async fn tf_status_version(
+    AxState(state): AxState<State>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let model = tf_model(&state, &headers, &name, Some(&version))?;
+    Ok(axum::Json(tfserving::status(&model.spec().version)).into_response())
+}
+
+async fn tf_metadata(
+    AxState(state): AxState<State>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let model = tf_model(&state, &headers, &name, None)?;
+    Ok(axum::Json(tfserving::metadata(model.spec())).into_response())
+}
+
+async fn tf_metadata_version(
+    AxState(state): AxState<State>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let model = tf_model(&state, &headers, &name, Some(&version))?;
+    Ok(axum::Json(tfserving::metadata(model.spec())).into_response())
+}
+
+/// `name:predict` (or `version:predict`) as its two parts.
+fn split_verb(segment: &str) -> Result<(&str, &str), ApiError> {
+    match segment.rsplit_once(':') {
+        Some((head, "predict")) => Ok((head, "predict")),
+        Some((_, verb)) => Err(ApiError::bad_request(format!(
+            "`:{verb}` is not served; this relay answers TF Serving's `:predict`"
+        ))),
+        None => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "POST to `/v1/models/{name}:predict`",
+        )),
+    }
+}
+
+async fn tf_predict(
+    AxState(state): AxState<State>,
+    Path(segment): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match split_verb(&segment) {
+        Ok((name, _)) => predict(state, name.to_owned(), None, headers, body).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn tf_predict_version(
+    AxState(state): AxState<State>,
+    Path((name, segment)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match split_verb(&segment) {
+        Ok((version, _)) => predict(state, name, Some(version.to_owned()), headers, body).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A TF Serving predict: translated into a V2 request and served by the `/v2` path (its
+/// authentication, rate limit, limits, deadline and batching), then translated back.
+async fn predict(
+    state: State,
+    name: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let translated = async {
+        let model = tf_model(&state, &headers, &name, version.as_deref())?;
+        let deadline = deadline(&state, &headers, started)?;
+        let bytes = read_body(&state, &headers, body, deadline).await?;
+        let kib = u32::try_from(bytes.len().div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        let _parsing = state.0.parse_kib.acquire_many(kib).await.map_err(|_| {
+            ApiError::unavailable("the relay is shutting down; retry on another instance")
+        })?;
+        let tf: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+        let (v2, format) = tfserving::to_v2(&tf, model.spec(), state.now().max_elements)
+            .map_err(ApiError::bad_request)?;
+        let v2 = serde_json::to_vec(&v2).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok::<_, ApiError>((v2, format))
+    }
+    .await;
+    let (v2, format) = match translated {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    // Only what the V2 path reads of the caller's headers; the body is the translation.
+    let mut forwarded = HeaderMap::new();
+    for h in [
+        header::AUTHORIZATION,
+        HeaderName::from_static(BUDGET_HEADER),
+    ] {
+        if let Some(v) = headers.get(&h) {
+            forwarded.insert(h, v.clone());
+        }
+    }
+    let answer = infer_any(state.clone(), name, version, forwarded, Body::from(v2)).await;
+    if answer.status() != StatusCode::OK {
+        return answer; // `{"error": "..."}`: TF Serving's error body too
+    }
+    let limit = usize::MAX;
+    let converted = match axum::body::to_bytes(answer.into_body(), limit).await {
+        Ok(bytes) => serde_json::from_slice::<Value>(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|v| tfserving::from_v2(&v, format)),
+        Err(e) => Err(e.to_string()),
+    };
+    match converted {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the model's answer could not be translated: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+/// Reads a request body within the relay's size limit (refused on Content-Length alone when
+/// it says more) and by `deadline`.
+async fn read_body(
+    state: &State,
+    headers: &HeaderMap,
+    body: Body,
+    deadline: Instant,
+) -> Result<axum::body::Bytes, ApiError> {
+    let limit = state.now().max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is over this relay's limit of {limit} bytes (limits.max_body_bytes)"
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| usize::try_from(n).map_or(true, |n| n > limit)) {
+        return Err(too_large());
+    }
+    let deadline_at = tokio::time::Instant::from_std(deadline);
+    tokio::time::timeout_at(deadline_at, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} ms (limits.request_timeout_ms)",
+                    state.now().request_timeout.as_millis()
+                ),
+            )
+        })?
+        .map_err(|_| too_large())
 }
 
 fn ms(d: std::time::Duration) -> f64 {

@@ -682,3 +682,136 @@ async fn a_reload_names_the_keys_only_a_restart_applies() {
     assert_eq!(state.now().max_body_bytes, 4096, "applied at once");
     assert!(state.reload(&state.0.config.clone()).is_empty());
 }
+
+/// TensorFlow Serving's REST API, with request and response bodies in the format TF Serving
+/// documents (https://www.tensorflow.org/tfx/serving/api_rest): status, metadata, predict in
+/// the row and columnar formats, and its `{"error"}` body.
+#[tokio::test]
+async fn tensorflow_servings_rest_api() {
+    let state = state_with(|_| {});
+    let (s, b) = get(&state, "/v1/models/digits").await;
+    assert_eq!(s, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["model_version_status"][0]["state"], "AVAILABLE");
+    assert_eq!(v["model_version_status"][0]["status"]["error_code"], "OK");
+    assert_eq!(
+        get(&state, "/v1/models/digits/versions/1.0.0").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&state, "/v1/models/digits/versions/7").await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (s, b) = get(&state, "/v1/models/digits/metadata").await;
+    assert_eq!(s, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    let sig = &v["metadata"]["signature_def"]["signature_def"]["serving_default"];
+    assert_eq!(sig["inputs"]["input"]["dtype"], "DT_FLOAT");
+    let dims: Vec<&str> = sig["inputs"]["input"]["tensor_shape"]["dim"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["size"].as_str().unwrap())
+        .collect();
+    assert_eq!(dims, ["-1", "1", "8", "8"]);
+    assert_eq!(sig["method_name"], "tensorflow/serving/predict");
+    assert_eq!(v["model_spec"]["name"], "digits");
+
+    // The golden request's four images, as TF Serving rows and as one column.
+    let golden: Value = serde_json::from_slice(
+        &std::fs::read(models::default_zoo_dir().join("golden/digits.request.json")).unwrap(),
+    )
+    .unwrap();
+    let flat: Vec<f64> = golden["inputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let image = |i: usize| -> Value {
+        let rows: Vec<Vec<f64>> = (0..8)
+            .map(|r| flat[i * 64 + r * 8..i * 64 + r * 8 + 8].to_vec())
+            .collect();
+        json!([rows])
+    };
+    let instances: Vec<Value> = (0..4).map(image).collect();
+    let (s, row) = post_json(
+        &state,
+        "/v1/models/digits:predict",
+        serde_json::to_vec(&json!({ "instances": instances })).unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{row}");
+    let predictions = row["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), 4);
+    assert_eq!(predictions[0].as_array().unwrap().len(), 10);
+    let (s, col) = post_json(
+        &state,
+        "/v1/models/digits/versions/1.0.0:predict",
+        serde_json::to_vec(&json!({ "signature_name": "serving_default", "inputs": instances }))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{col}");
+    assert_eq!(
+        col["outputs"], row["predictions"],
+        "one answer, two formats"
+    );
+    // The same numbers as the V2 route gives for the same images.
+    let (s, v2) = post_json(
+        &state,
+        "/v2/models/digits/infer",
+        serde_json::to_vec(&golden).unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let v2_flat: Vec<f64> = v2["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let tf_flat: Vec<f64> = predictions
+        .iter()
+        .flat_map(|p| p.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+        .collect();
+    assert_eq!(tf_flat, v2_flat);
+
+    // Errors: TF Serving's body, a sentence under "error".
+    for (uri, body, status, needle) in [
+        (
+            "/v1/models/digits:predict",
+            json!({"instances": [[[1.0]]]}),
+            StatusCode::BAD_REQUEST,
+            "shape",
+        ),
+        (
+            "/v1/models/digits:predict",
+            json!({"instance": []}),
+            StatusCode::BAD_REQUEST,
+            "unknown key",
+        ),
+        (
+            "/v1/models/digits:classify",
+            json!({"instances": []}),
+            StatusCode::BAD_REQUEST,
+            ":predict",
+        ),
+        (
+            "/v1/models/nope:predict",
+            json!({"instances": [1]}),
+            StatusCode::NOT_FOUND,
+            "nope",
+        ),
+    ] {
+        let (s, v) = post_json(&state, uri, serde_json::to_vec(&body).unwrap()).await;
+        assert_eq!(s, status, "{uri}: {v}");
+        assert!(
+            v["error"].as_str().is_some_and(|e| e.contains(needle)),
+            "{uri}: {v}"
+        );
+    }
+    let (s, v) = post_json(&state, "/v1/models/digits:predict", b"{not json".to_vec()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["error"].as_str().unwrap().contains("not JSON"), "{v}");
+}
