@@ -74,14 +74,31 @@ struct Inner {
     rtt: Mutex<HashMap<String, Rtt>>,
 }
 
+/// `builder` trusting only the certificates of `ca_pem` when given (`relay.ca_file`), else the
+/// system's roots (reqwest's platform verifier).
+pub fn with_roots(
+    builder: reqwest::ClientBuilder,
+    ca_pem: Option<&[u8]>,
+) -> reqwest::ClientBuilder {
+    match ca_pem.map(reqwest::Certificate::from_pem_bundle) {
+        Some(Ok(certs)) => builder.tls_certs_only(certs),
+        // Checked at validation; an unreadable bundle trusts nothing rather than everything.
+        Some(Err(_)) => builder.tls_certs_only(Vec::new()),
+        None => builder,
+    }
+}
+
 impl Cloud {
     pub fn new(cfg: &RelayConfig) -> Result<Cloud, CloudError> {
-        let http = reqwest::Client::builder()
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| CloudError::Unreachable(e.to_string()))?;
+        let http = with_roots(
+            reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(90))
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(5)),
+            cfg.ca_pem.as_deref(),
+        )
+        .build()
+        .map_err(|e| CloudError::Unreachable(e.to_string()))?;
         Ok(Cloud {
             inner: Arc::new(Inner {
                 http,
@@ -171,7 +188,16 @@ impl Cloud {
             if e.is_timeout() {
                 CloudError::Timeout(budget_ms)
             } else {
-                CloudError::Unreachable(e.to_string())
+                // The whole chain: "error sending request" alone hides a refused connection or
+                // a certificate the device does not trust.
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    text.push_str(": ");
+                    text.push_str(&s.to_string());
+                    source = s.source();
+                }
+                CloudError::Unreachable(text)
             }
         };
         let resp = req.send().await.map_err(transport)?;

@@ -684,6 +684,7 @@ async fn start_fleet(
             timeout: config.fleet.download_timeout,
         },
         relay,
+        config.relay.as_ref().and_then(|r| r.ca_pem.as_deref()),
         stop.clone(),
     )
     .map_err(AgentError::Fleet)?;

@@ -20,6 +20,7 @@ fn client(addr: SocketAddr) -> Cloud {
     Cloud::new(&RelayConfig {
         url: format!("http://{addr}").parse().unwrap(),
         token: None,
+        ca_pem: None,
         breaker: BreakerConfig {
             consecutive_failures: 3,
             error_rate: 0.5,
@@ -123,4 +124,90 @@ async fn refusals_do_not_open_the_circuit_but_an_unreachable_relay_does() {
         assert!(matches!(err, CloudError::Unreachable(_)), "{err:?}");
     }
     assert_eq!(cloud.circuit(), BreakerState::Open);
+}
+
+/// A TLS front for the relay at `relay`, with a server certificate for 127.0.0.1 signed by a
+/// CA made here (as a load balancer terminating TLS would be); returns its address and the
+/// CA's PEM.
+async fn tls_front(relay: SocketAddr) -> (SocketAddr, Vec<u8>) {
+    use rumqttc::tokio_rustls::{TlsAcceptor, rustls};
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "tether-test-ca");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::IpAddress(std::net::IpAddr::from([
+        127, 0, 0, 1,
+    ]))];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(relay).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    });
+    (addr, ca.pem().into_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_relay_is_verified_against_its_ca_file_or_the_system_roots() {
+    let (relay_addr, _stop) = relay().await;
+    let (front, ca_pem) = tls_front(relay_addr).await;
+    let cloud = |ca: Option<Vec<u8>>| {
+        Cloud::new(&RelayConfig {
+            url: format!("https://127.0.0.1:{}", front.port())
+                .parse()
+                .unwrap(),
+            token: None,
+            ca_pem: ca,
+            breaker: BreakerConfig {
+                consecutive_failures: 3,
+                error_rate: 0.5,
+                window: 10,
+                open_for: Duration::from_secs(30),
+            },
+        })
+        .unwrap()
+    };
+    // relay.ca_file names the CA: the relay answers over TLS.
+    let trusted = cloud(Some(ca_pem))
+        .infer("digits", digits_request(json!({})), Duration::from_secs(10))
+        .await;
+    assert!(trusted.is_ok(), "{trusted:?}");
+    // Without it, the system's roots do not know this CA: refused, as a transport failure.
+    let untrusted = cloud(None)
+        .infer("digits", digits_request(json!({})), Duration::from_secs(10))
+        .await;
+    let err = format!("{:?}", untrusted.unwrap_err());
+    assert!(
+        err.contains("certificate") || err.contains("Unknown") || err.contains("issuer"),
+        "{err}"
+    );
 }

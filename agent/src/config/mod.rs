@@ -622,5 +622,15 @@ preload = ["digits", "../x"]
         let text = raw.validate(|| Some("d".into())).unwrap_err().to_string();
         std::fs::remove_file(&junk).unwrap();
         assert!(text.contains("mqtt.client_cert holds no"), "{text}");
+        let junk = std::env::temp_dir().join(format!("tether-junk-ca-{}", std::process::id()));
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let raw = from_toml(&format!(
+            "[relay]\nurl = \"https://relay.example\"\nca_file = \"{}\"\n",
+            junk.display()
+        ))
+        .unwrap();
+        let text = raw.validate(|| Some("d".into())).unwrap_err().to_string();
+        std::fs::remove_file(&junk).unwrap();
+        assert!(text.contains("relay.ca_file"), "{text}");
     }
 }

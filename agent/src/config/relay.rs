@@ -15,6 +15,10 @@ pub struct RawRelay {
     pub url: String,
     /// The device's token (sent as `Authorization: Bearer`), from this file.
     pub token_file: Option<PathBuf>,
+    /// PEM CA bundle that signs an `https://` relay (and model downloads from it); default: the
+    /// system's root certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// Open the circuit after this many failures in a row...
     #[serde(default = "default_breaker_failures")]
     pub breaker_failures: u32,
@@ -34,6 +38,7 @@ impl RawRelay {
         RawRelay {
             url,
             token_file: None,
+            ca_file: None,
             breaker_failures: default_breaker_failures(),
             breaker_error_rate: default_breaker_error_rate(),
             breaker_window: default_breaker_window(),
@@ -59,6 +64,8 @@ fn default_breaker_open_ms() -> u64 {
 pub struct RelayConfig {
     pub url: url::Url,
     pub token: Option<String>,
+    /// `relay.ca_file`'s PEM bundle: the only roots trusted for the relay when set.
+    pub ca_pem: Option<Vec<u8>>,
     pub breaker: BreakerConfig,
 }
 
@@ -92,6 +99,27 @@ impl RawRelay {
             },
             None => None,
         };
+        let ca_pem = match &r.ca_file {
+            Some(f) => match std::fs::read(f) {
+                Ok(pem)
+                    if reqwest::Certificate::from_pem_bundle(&pem).is_ok_and(|c| !c.is_empty()) =>
+                {
+                    Some(pem)
+                }
+                Ok(_) => {
+                    errors.push(format!(
+                        "relay.ca_file {} holds no readable PEM certificate",
+                        f.display()
+                    ));
+                    None
+                }
+                Err(e) => {
+                    errors.push(format!("relay.ca_file {}: {e}", f.display()));
+                    None
+                }
+            },
+            None => None,
+        };
         if r.breaker_failures == 0
             || !(0.0..=1.0).contains(&r.breaker_error_rate)
             || r.breaker_window == 0
@@ -101,6 +129,7 @@ impl RawRelay {
         Some(RelayConfig {
             url: url?,
             token,
+            ca_pem,
             breaker: BreakerConfig {
                 consecutive_failures: r.breaker_failures.max(1),
                 error_rate: r.breaker_error_rate,

@@ -58,12 +58,21 @@ impl Fetcher {
         dir: PathBuf,
         limits: FetchLimits,
         relay: Option<(url::Url, String)>,
+        relay_ca: Option<&[u8]>,
         stop: CancellationToken,
     ) -> Result<Fetcher, String> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(30))
+            .read_timeout(Duration::from_secs(30));
+        // Model files come from the relay (its CA, `relay.ca_file`) or from anywhere public
+        // (the system's roots): both are trusted.
+        if let Some(pem) = relay_ca {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| format!("relay.ca_file holds no readable PEM certificate: {e}"))?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let client = builder
             .build()
             .map_err(|e| format!("cannot set up the HTTP client for model downloads: {e}"))?;
         Ok(Fetcher {
@@ -530,7 +539,14 @@ mod tests {
             allow_http: true,
             timeout,
         };
-        Fetcher::new(dir.to_path_buf(), limits, None, CancellationToken::new()).unwrap()
+        Fetcher::new(
+            dir.to_path_buf(),
+            limits,
+            None,
+            None,
+            CancellationToken::new(),
+        )
+        .unwrap()
     }
 
     /// A raw HTTP server answering every request with `head` and then `body`, written `step`
@@ -683,7 +699,7 @@ mod tests {
             allow_http: true,
             timeout: Duration::from_secs(600),
         };
-        let f = Fetcher::new(dir.clone(), limits, None, stop.clone()).unwrap();
+        let f = Fetcher::new(dir.clone(), limits, None, None, stop.clone()).unwrap();
         let u = update(&url, &data);
         let task = tokio::spawn(async move { f.fetch("m", &u).await });
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -704,7 +720,7 @@ mod tests {
             allow_http: false,
             timeout: Duration::from_secs(5),
         };
-        let f = Fetcher::new(dir.clone(), limits, None, CancellationToken::new()).unwrap();
+        let f = Fetcher::new(dir.clone(), limits, None, None, CancellationToken::new()).unwrap();
         let data = [0u8; 4];
         let err = f
             .fetch("m", &update("http://127.0.0.1:9/m.onnx", &data))
