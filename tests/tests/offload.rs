@@ -116,6 +116,9 @@ async fn agent_with(device: &str, relay_url: Option<String>) -> TestAgent {
         raw.inference.workers = Some(1);
         raw.inference.queue = 256;
         raw.inference.emulated_service_ms = SERVICE_MS;
+        // Built before the stream starts: these tests measure routing under load, not the
+        // first request's wait for its model (which a budget-bound deployment preloads too).
+        raw.inference.preload = vec!["digits".into()];
         raw.store.cache.enabled = false;
         raw.policy.default_budget_ms = BUDGET_MS as u64;
         if let Some(url) = relay_url {
@@ -140,9 +143,15 @@ fn stream_config(agent: &TestAgent, device: &str, phases: Vec<Phase>) -> StreamC
 
 fn describe(outcomes: &[Outcome]) -> String {
     let s = stream::summarize(outcomes, 1.0, BUDGET_MS);
+    let mut refused: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for o in outcomes.iter().filter(|o| o.code.is_some()) {
+        *refused
+            .entry(format!("{}/{}", o.code.as_deref().unwrap_or(""), o.reason))
+            .or_default() += 1;
+    }
     format!(
-        "sent {} answered {} rejected {} lost {} p50 {:.1} ms p99 {:.1} ms routes {:?}",
-        s.sent, s.answered, s.rejected, s.lost, s.p50_ms, s.p99_ms, s.routes
+        "sent {} answered {} rejected {} lost {} p50 {:.1} ms p99 {:.1} ms routes {:?} refused {:?}",
+        s.sent, s.answered, s.rejected, s.lost, s.p50_ms, s.p99_ms, s.routes, refused
     )
 }
 
