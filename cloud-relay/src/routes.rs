@@ -259,7 +259,7 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_any(state, name, None, headers, body).await
+    infer_any(state, name, None, headers, body, Instant::now()).await
 }
 
 async fn infer_version(
@@ -268,17 +268,18 @@ async fn infer_version(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_any(state, name, Some(version), headers, body).await
+    infer_any(state, name, Some(version), headers, body, Instant::now()).await
 }
 
+/// Serves an inference whose request arrived at `started`: its deadline runs from then.
 async fn infer_any(
     state: State,
     name: String,
     version: Option<String>,
     headers: HeaderMap,
     body: Body,
+    started: Instant,
 ) -> Response {
-    let started = Instant::now();
     let result = match deadline(&state, &headers, started) {
         Ok(deadline) => {
             infer_inner(&state, &name, version.as_deref(), &headers, body, deadline).await
@@ -618,7 +619,16 @@ async fn predict(
             forwarded.insert(h, v.clone());
         }
     }
-    let answer = infer_any(state.clone(), name, version, forwarded, Body::from(v2)).await;
+    // The deadline runs from the TF request's arrival: translating it does not extend it.
+    let answer = infer_any(
+        state.clone(),
+        name,
+        version,
+        forwarded,
+        Body::from(v2),
+        started,
+    )
+    .await;
     if answer.status() != StatusCode::OK {
         return answer; // `{"error": "..."}`: TF Serving's error body too
     }
