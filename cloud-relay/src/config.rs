@@ -184,13 +184,13 @@ pub struct BatchConfig {
     pub queue: usize,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelConfig {
     pub batching: Option<BatchConfig>,
     pub upstream: Option<Upstream>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub base_url: String,
     pub model: Option<String>,

@@ -147,10 +147,7 @@ impl State {
             old.max_parse_bytes != config.max_parse_bytes,
         );
         differs("batching", old.batching != config.batching);
-        differs(
-            "models",
-            format!("{:?}", old.models) != format!("{:?}", config.models),
-        );
+        differs("models", old.models != config.models);
         restart
     }
 }
