@@ -17,10 +17,15 @@ use common::relay;
 use serde_json::json;
 
 fn client(addr: SocketAddr) -> Cloud {
+    client_at(&format!("http://{addr}"), None)
+}
+
+/// A client of the relay at `url`, trusting only `ca_pem` when given.
+fn client_at(url: &str, ca_pem: Option<Vec<u8>>) -> Cloud {
     Cloud::new(&RelayConfig {
-        url: format!("http://{addr}").parse().unwrap(),
+        url: url.parse().unwrap(),
         token: None,
-        ca_pem: None,
+        ca_pem,
         breaker: BreakerConfig {
             consecutive_failures: 3,
             error_rate: 0.5,
@@ -180,22 +185,7 @@ async fn tls_front(relay: SocketAddr) -> (SocketAddr, Vec<u8>) {
 async fn an_https_relay_is_verified_against_its_ca_file_or_the_system_roots() {
     let (relay_addr, _stop) = relay().await;
     let (front, ca_pem) = tls_front(relay_addr).await;
-    let cloud = |ca: Option<Vec<u8>>| {
-        Cloud::new(&RelayConfig {
-            url: format!("https://127.0.0.1:{}", front.port())
-                .parse()
-                .unwrap(),
-            token: None,
-            ca_pem: ca,
-            breaker: BreakerConfig {
-                consecutive_failures: 3,
-                error_rate: 0.5,
-                window: 10,
-                open_for: Duration::from_secs(30),
-            },
-        })
-        .unwrap()
-    };
+    let cloud = |ca: Option<Vec<u8>>| client_at(&format!("https://127.0.0.1:{}", front.port()), ca);
     // relay.ca_file names the CA: the relay answers over TLS.
     let trusted = cloud(Some(ca_pem))
         .infer("digits", digits_request(json!({})), Duration::from_secs(10))
