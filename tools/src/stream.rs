@@ -44,6 +44,10 @@ pub struct Outcome {
     pub sent_at: Duration,
     /// `None`: no reply arrived.
     pub latency_ms: Option<f64>,
+    /// The agent's own account of how long it held the request (`parameters.latency_ms`):
+    /// from its arrival at the agent to its answer, without the broker's legs or the
+    /// requester's own scheduling. Absent in refusals.
+    pub agent_ms: Option<f64>,
     /// `local`, `cache`, `cloud`, or `error` (with `code`).
     pub route: String,
     pub reason: String,
@@ -73,6 +77,7 @@ struct ReplyProbe {
 struct ReplyParams {
     route: Option<String>,
     reason: Option<String>,
+    latency_ms: Option<f64>,
 }
 
 #[derive(Debug, Default)]
@@ -129,21 +134,32 @@ pub async fn run(
                             continue;
                         };
                         let probe: Option<ReplyProbe> = serde_json::from_slice(&p.payload).ok();
-                        let (route, reason, code) = match probe {
+                        let (route, reason, code, agent_ms) = match probe {
                             Some(ReplyProbe {
                                 code: Some(code),
                                 reason,
                                 ..
-                            }) => ("error".to_owned(), reason.unwrap_or_default(), Some(code)),
+                            }) => (
+                                "error".to_owned(),
+                                reason.unwrap_or_default(),
+                                Some(code),
+                                None,
+                            ),
                             Some(ReplyProbe {
-                                parameters: Some(ReplyParams { route, reason }),
+                                parameters:
+                                    Some(ReplyParams {
+                                        route,
+                                        reason,
+                                        latency_ms,
+                                    }),
                                 ..
                             }) => (
                                 route.unwrap_or_else(|| "?".into()),
                                 reason.unwrap_or_default(),
                                 None,
+                                latency_ms.filter(|ms| ms.is_finite()),
                             ),
-                            _ => ("?".to_owned(), String::new(), None),
+                            _ => ("?".to_owned(), String::new(), None, None),
                         };
                         let now = start.elapsed();
                         let mut b = book.lock().unwrap_or_else(|p| p.into_inner());
@@ -153,7 +169,8 @@ pub async fn run(
                             b.outcomes[seq] = Some(Outcome {
                                 phase,
                                 sent_at,
-                                latency_ms: Some((now - sent_at).as_secs_f64() * 1e3),
+                                latency_ms: Some(now.saturating_sub(sent_at).as_secs_f64() * 1e3),
+                                agent_ms,
                                 route,
                                 reason,
                                 code,
@@ -243,6 +260,7 @@ pub async fn run(
                 phase,
                 sent_at,
                 latency_ms: None,
+                agent_ms: None,
                 route: "lost".into(),
                 reason: String::new(),
                 code: None,
