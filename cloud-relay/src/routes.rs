@@ -713,23 +713,44 @@ async fn artifact(
     let spec = manifest
         .model(&name)
         .map_err(|_| unknown_model(&state, &name))?;
-    if spec.version != version {
-        return Err(ApiError::not_found(format!(
-            "model `{name}` has no version `{version}`; the zoo holds {}",
-            spec.version
-        )));
-    }
     let variant: Variant = q
         .variant
         .as_deref()
         .unwrap_or("device")
         .parse()
         .map_err(ApiError::bad_request)?;
-    let file = spec
-        .variant(variant)
-        .ok_or_else(|| ApiError::not_found(format!("model `{name}` has no {variant} file")))?
-        .clone();
-    let etag = format!("\"{}\"", file.sha256);
+    // The model's own version, or a candidate of it (device files only).
+    let file: (String, String) = if spec.version == version {
+        let v = spec
+            .variant(variant)
+            .ok_or_else(|| ApiError::not_found(format!("model `{name}` has no {variant} file")))?;
+        (v.file.clone(), v.sha256.clone())
+    } else {
+        match manifest.candidate(&name, &version) {
+            Some(c) if variant == Variant::Device => (c.file.clone(), c.sha256.clone()),
+            Some(_) => {
+                return Err(ApiError::not_found(format!(
+                    "candidate {version} of `{name}` is a device file only"
+                )));
+            }
+            None => {
+                let mut held = vec![spec.version.clone()];
+                held.extend(
+                    manifest
+                        .candidates()
+                        .iter()
+                        .filter(|c| c.model == name)
+                        .map(|c| c.version.clone()),
+                );
+                return Err(ApiError::not_found(format!(
+                    "model `{name}` has no version `{version}`; the zoo holds {}",
+                    held.join(", ")
+                )));
+            }
+        }
+    };
+    let (file_name, sha256) = file;
+    let etag = format!("\"{sha256}\"");
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -740,10 +761,10 @@ async fn artifact(
     let unreadable = |e: std::io::Error| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot read {}: {e}", file.file),
+            format!("cannot read {file_name}: {e}"),
         )
     };
-    let mut opened = tokio::fs::File::open(manifest.path_of(&file.file))
+    let mut opened = tokio::fs::File::open(manifest.path_of(&file_name))
         .await
         .map_err(unreadable)?;
     let total = opened.metadata().await.map_err(unreadable)?.len();

@@ -571,6 +571,37 @@ async fn artifacts_with_etag_and_ranges() {
         get(&state, &format!("{uri}?variant=tiny")).await.0,
         StatusCode::BAD_REQUEST
     );
+    // A rollout candidate of the model: its device file, under its own version.
+    let candidate = manifest.candidate("digits", "1.1.0").unwrap();
+    let c_uri = "/v2/models/digits/versions/1.1.0/artifact";
+    let (s, h, body) = call(&state, Request::get(c_uri).body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        body,
+        std::fs::read(manifest.path_of(&candidate.file)).unwrap()
+    );
+    assert_eq!(
+        h[header::ETAG],
+        format!("\"{}\"", candidate.sha256).as_str()
+    );
+    assert_eq!(
+        get(&state, &format!("{c_uri}?variant=cloud")).await.0,
+        StatusCode::NOT_FOUND,
+        "a candidate is a device file only"
+    );
+    let (s, _, body) = call(
+        &state,
+        Request::get("/v2/models/digits/versions/..%2F1.1.0/artifact")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("1.0.0, 1.1.0, 1.2.0"),
+        "the versions held: {text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

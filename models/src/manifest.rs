@@ -19,6 +19,7 @@ pub const MANIFEST_FILE: &str = "MANIFEST.toml";
 pub struct Manifest {
     dir: PathBuf,
     models: Vec<ModelSpec>,
+    candidates: Vec<CandidateSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -27,6 +28,27 @@ struct RawManifest {
     manifest_version: u32,
     #[serde(default, rename = "model")]
     models: Vec<ModelSpec>,
+    #[serde(default, rename = "candidate")]
+    candidates: Vec<CandidateSpec>,
+}
+
+/// Another version of a model's device file, for rollouts: same interface as the model it
+/// names, a file of its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CandidateSpec {
+    pub model: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    pub file: String,
+    pub precision: String,
+    #[serde(default)]
+    pub parameters: Option<u64>,
+    #[serde(default)]
+    pub test_accuracy: Option<f64>,
+    pub sha256: String,
+    pub bytes: u64,
 }
 
 /// One model: its interface and its files.
@@ -188,13 +210,36 @@ impl Manifest {
                 raw.manifest_version
             )));
         }
-        let problems: Vec<String> = validate(&raw.models);
+        let mut problems: Vec<String> = validate(&raw.models);
+        for c in &raw.candidates {
+            match raw.models.iter().find(|m| m.name == c.model) {
+                None => problems.push(format!(
+                    "candidate {} of `{}` names no model in the manifest",
+                    c.version, c.model
+                )),
+                Some(m) if m.version == c.version => problems.push(format!(
+                    "candidate {} of `{}` has the model's own version",
+                    c.version, c.model
+                )),
+                Some(_) => {}
+            }
+            if c.sha256.len() != 64 || !c.sha256.chars().all(|x| x.is_ascii_hexdigit()) {
+                problems.push(format!("the sha256 of `{}` is not 64 hex digits", c.file));
+            }
+            if c.file.contains("..") || Path::new(&c.file).is_absolute() {
+                problems.push(format!(
+                    "the file `{}` must be a path inside the model directory",
+                    c.file
+                ));
+            }
+        }
         if !problems.is_empty() {
             return Err(invalid(problems.join("; ")));
         }
         Ok(Manifest {
             dir: dir.to_path_buf(),
             models: raw.models,
+            candidates: raw.candidates,
         })
     }
 
@@ -204,6 +249,18 @@ impl Manifest {
 
     pub fn models(&self) -> &[ModelSpec] {
         &self.models
+    }
+
+    /// Other versions of device models, for rollouts.
+    pub fn candidates(&self) -> &[CandidateSpec] {
+        &self.candidates
+    }
+
+    /// The candidate `version` of `model`.
+    pub fn candidate(&self, model: &str, version: &str) -> Option<&CandidateSpec> {
+        self.candidates
+            .iter()
+            .find(|c| c.model == model && c.version == version)
     }
 
     /// The model of that name.
@@ -455,6 +512,42 @@ precision = "fp32"
         assert!(err.contains("has shape [-1, 0]"), "{err}");
         assert!(err.contains("has no device variant"), "{err}");
         assert!(err.contains("has 1 labels"), "{err}");
+    }
+
+    fn with_candidate(model: &str, version: &str, file: &str, sha: &str) -> String {
+        format!(
+            "{GOOD}[[candidate]]\nmodel = \"{model}\"\nversion = \"{version}\"\nfile = \"{file}\"\nprecision = \"int8\"\nsha256 = \"{sha}\"\nbytes = 1\n"
+        )
+    }
+
+    #[test]
+    fn candidates_name_a_model_another_version_and_a_file_inside() {
+        let zeros = "0".repeat(64);
+        let good = with_candidate("m", "2", "m2.onnx", &zeros);
+        let m = Manifest::parse(Path::new("/zoo"), &good).unwrap();
+        assert_eq!(m.candidate("m", "2").unwrap().file, "m2.onnx");
+        assert!(m.candidate("m", "1").is_none());
+        let cases = [
+            (
+                with_candidate("x", "2", "m2.onnx", &zeros),
+                "names no model",
+            ),
+            (with_candidate("m", "1", "m2.onnx", &zeros), "own version"),
+            (
+                with_candidate("m", "2", "../m2.onnx", &zeros),
+                "inside the model directory",
+            ),
+            (
+                with_candidate("m", "2", "m2.onnx", "abc"),
+                "not 64 hex digits",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Manifest::parse(Path::new("/zoo"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
     }
 
     #[test]
