@@ -22,6 +22,8 @@ pub mod mqtt;
 pub mod pipeline;
 pub mod policy;
 pub mod protocol;
+pub mod quality;
+pub mod rollout;
 pub mod sensors;
 pub mod status;
 pub mod store;
@@ -140,6 +142,8 @@ impl Reloader {
                     policy: config.policy.clone(),
                     cache: config.store.cache.clone(),
                     config_version: current.config_version.clone(),
+                    shadows: current.shadows.clone(),
+                    rollouts: current.rollouts.clone(),
                 };
                 self.switch.apply(
                     Arc::new(settings),
@@ -225,12 +229,7 @@ pub async fn run(
         config.pool.as_deref(),
     )
     .with_reply_prefixes(config.mqtt.reply_topics.clone());
-    let live = live::Live::new(live::Settings {
-        engine: engine.clone(),
-        policy: config.policy.clone(),
-        cache: config.store.cache.clone(),
-        config_version: None,
-    });
+    let live = live::Live::new(live::Settings::local(engine.clone(), &config));
     let cloud = config.relay.as_ref().map(cloud::Cloud::new).transpose()?;
     match &config.relay {
         Some(r) => {
@@ -240,6 +239,13 @@ pub async fn run(
     }
     let load_rx = monitor::spawn(config.policy.monitor_interval).map_err(AgentError::Monitor)?;
     let metrics = metrics::Metrics::default();
+    let quality = Arc::new(quality::Quality::default());
+    match store.audit_totals().await {
+        Ok(rows) => quality.seed(rows),
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot read the audits recorded before; agreement counts start from zero.");
+        }
+    }
     let routing = pipeline::Routing {
         live: live.clone(),
         health: Arc::new(pipeline::RunCounters::default()),
@@ -249,6 +255,7 @@ pub async fn run(
         in_service: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         runtime: tokio::runtime::Handle::current(),
         metrics: metrics.clone(),
+        quality: quality.clone(),
     };
     if !config.inference.emulated_service.is_zero() {
         tracing::warn!(
@@ -376,18 +383,22 @@ pub async fn run(
     let mut sensor_threads =
         sensors::start(&config.sensors, &config.actuators, &topics, &intake, &store)
             .map_err(AgentError::Sensors)?;
-    drivers.push(tokio::spawn(fleet::telemetry_loop(
-        client.clone(),
-        topics.telemetry(),
-        config.device_id.clone(),
-        telemetry_rx,
-        load_rx,
-        metrics.clone(),
-        store.counters.clone(),
-        live.clone(),
-        sensor_threads.view(),
-        stop_drivers.clone(),
-    )));
+    drivers.push(tokio::spawn(
+        fleet::Telemetry {
+            client: client.clone(),
+            topic: topics.telemetry(),
+            quality_topic: topics.quality(),
+            device_id: config.device_id.clone(),
+            interval: telemetry_rx,
+            load: load_rx,
+            metrics: metrics.clone(),
+            counters: store.counters.clone(),
+            live: live.clone(),
+            sensors: sensor_threads.view(),
+            quality,
+        }
+        .run(stop_drivers.clone()),
+    ));
     let mut fleet_reloads = None;
     if let Some(f) = fleet {
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);

@@ -2,13 +2,16 @@
 //! the cache's rules. Readers take a snapshot (one `Arc`) per request, so a request admitted
 //! before a switch finishes on what it started with, and the next one sees the new settings.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use models::Engine;
+use models::engine::LoadedModel;
 use tokio::sync::watch;
 
 use crate::config::{CacheConfig, Config, PolicyConfig};
+use crate::rollout::RolloutView;
 use crate::store::{Limits, StoreHandle};
 
 /// Changes the log filter (`None`: back to the start-up filter), or says why it cannot.
@@ -22,6 +25,32 @@ pub struct Settings {
     pub cache: CacheConfig,
     /// The fleet configuration these came from (`None`: the local agent.toml only).
     pub config_version: Option<String>,
+    /// Per model: a candidate run after the reply on a share of requests.
+    pub shadows: BTreeMap<String, Shadow>,
+    /// The rollouts in force, as this device takes part in them.
+    pub rollouts: Vec<RolloutView>,
+}
+
+/// A candidate model in the shadow of the serving one.
+#[derive(Debug, Clone)]
+pub struct Shadow {
+    pub model: Arc<LoadedModel>,
+    /// The share of local requests it runs on.
+    pub share: f64,
+}
+
+impl Settings {
+    /// Settings of the local configuration only: no fleet version, shadow or rollout.
+    pub fn local(engine: Engine, config: &Config) -> Settings {
+        Settings {
+            engine,
+            policy: config.policy.clone(),
+            cache: config.store.cache.clone(),
+            config_version: None,
+            shadows: BTreeMap::new(),
+            rollouts: Vec::new(),
+        }
+    }
 }
 
 /// The current [`Settings`], shared by every stage; cheap to clone.

@@ -125,6 +125,11 @@ impl Topics {
         format!("{}/{}/telemetry", self.prefix, self.device_id)
     }
 
+    /// The quality report: audits and shadow runs per model version, retained.
+    pub fn quality(&self) -> String {
+        format!("{}/{}/quality", self.prefix, self.device_id)
+    }
+
     /// Where a sensor source's events go.
     pub fn events(&self, source: &str) -> String {
         format!("{}/{}/events/{source}", self.prefix, self.device_id)

@@ -345,6 +345,7 @@ async fn a_low_confidence_answer_is_escalated_to_the_cloud_model() {
             agent::config::RawModelPolicy {
                 budget_ms: Some(2000),
                 escalate_below: Some(threshold),
+                ..Default::default()
             },
         );
     })
@@ -379,6 +380,7 @@ async fn a_low_confidence_answer_is_escalated_to_the_cloud_model() {
             agent::config::RawModelPolicy {
                 budget_ms: Some(2000),
                 escalate_below: Some(threshold),
+                ..Default::default()
             },
         );
     })

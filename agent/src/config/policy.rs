@@ -28,8 +28,11 @@ pub struct RawPolicy {
     /// The share of a request's budget an estimate may fill and still count as meeting it;
     /// the rest is room for the estimate's error and the reply's way back.
     pub headroom: f64,
-    /// Per model: `[policy.models.digits] budget_ms = 50, escalate_below = 0.6`.
+    /// Per model: `[policy.models.digits] budget_ms = 50, escalate_below = 0.6,
+    /// audit_rate = 0.01`.
     pub models: BTreeMap<String, RawModelPolicy>,
+    /// Audits (see `audit_rate`) sent to the relay per second at most, over all models.
+    pub audit_max_per_s: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -39,6 +42,9 @@ pub struct RawModelPolicy {
     /// A classifier answer whose top-1 probability is below this goes to the relay's (bigger)
     /// model, when the budget and the circuit allow.
     pub escalate_below: Option<f64>,
+    /// The share of local answers (0 to 1), chosen at random, also asked of the relay's model
+    /// after the reply: their agreement is the evidence a model rollout is judged on.
+    pub audit_rate: Option<f64>,
 }
 
 impl Default for RawPolicy {
@@ -53,6 +59,7 @@ impl Default for RawPolicy {
             monitor_interval_ms: 1000,
             headroom: 0.75,
             models: Default::default(),
+            audit_max_per_s: 5.0,
         }
     }
 }
@@ -123,6 +130,7 @@ pub struct PolicyConfig {
     pub max_budget: Duration,
     pub monitor_interval: Duration,
     pub models: BTreeMap<String, RawModelPolicy>,
+    pub audit_max_per_s: f64,
 }
 
 impl PolicyConfig {
@@ -136,6 +144,14 @@ impl PolicyConfig {
 
     pub fn escalate_below(&self, model: &str) -> Option<f64> {
         self.models.get(model).and_then(|m| m.escalate_below)
+    }
+
+    /// The share of `model`'s local answers audited (0: none).
+    pub fn audit_rate(&self, model: &str) -> f64 {
+        self.models
+            .get(model)
+            .and_then(|m| m.audit_rate)
+            .unwrap_or(0.0)
     }
 }
 
@@ -168,6 +184,12 @@ impl RawPolicy {
                 p.headroom
             ));
         }
+        if !(p.audit_max_per_s.is_finite() && (0.0..=1000.0).contains(&p.audit_max_per_s)) {
+            errors.push(format!(
+                "policy.audit_max_per_s is {}; use 0 to 1000 audits a second",
+                p.audit_max_per_s
+            ));
+        }
         if p.monitor_interval_ms < 50 {
             errors.push("policy.monitor_interval_ms must be at least 50".into());
         }
@@ -177,6 +199,13 @@ impl RawPolicy {
             {
                 errors.push(format!(
                     "policy.models.{name}.escalate_below is {t}; use a probability from 0 to 1"
+                ));
+            }
+            if let Some(r) = m.audit_rate
+                && !(0.0..=1.0).contains(&r)
+            {
+                errors.push(format!(
+                    "policy.models.{name}.audit_rate is {r}; use a share of answers from 0 to 1"
                 ));
             }
             if let Some(b) = m.budget_ms
@@ -202,6 +231,7 @@ impl RawPolicy {
             max_budget: Duration::from_millis(p.max_budget_ms),
             monitor_interval: Duration::from_millis(p.monitor_interval_ms),
             models: p.models.clone(),
+            audit_max_per_s: p.audit_max_per_s,
         }
     }
 }

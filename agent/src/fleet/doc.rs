@@ -22,6 +22,12 @@
 //! patch: a `null` restores the local value); groups apply in the order agent.toml lists them,
 //! then the device's own document. Under `models` each entry replaces the earlier one whole;
 //! `null` removes the model.
+//!
+//! A model entry may also name a candidate to run in the shadow of the serving model, after the
+//! reply, on a share of requests: `"digits": {"version": "1", …, "shadow": {"version": "2",
+//! "sha256": "…", "url": "…", "bytes": 7664, "share": 0.5}}` (an entry with only `shadow` keeps
+//! the serving model in force). Rollout documents (`rollout/GROUP`, see [`crate::rollout`])
+//! apply after the groups' documents and before the device's own.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -32,12 +38,15 @@ use serde_json::{Map, Value};
 
 use super::Rejection;
 use crate::config::{Config, RawConfig, is_plain_name};
+use crate::rollout::{Effect, Rollout, RolloutView};
 
 /// Where a document comes from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Source {
     /// `{prefix}/fleet/{group}/config`.
     Group(String),
+    /// `{prefix}/fleet/{group}/rollout`: a rollout for the group's devices.
+    Rollout(String),
     /// `{prefix}/{device_id}/config`: overrides the groups.
     Device,
 }
@@ -47,6 +56,7 @@ impl Source {
     pub fn target(&self, device_id: &str) -> String {
         match self {
             Source::Group(g) => format!("group/{g}"),
+            Source::Rollout(g) => format!("rollout/{g}"),
             Source::Device => format!("device/{device_id}"),
         }
     }
@@ -55,6 +65,7 @@ impl Source {
     pub fn label(&self) -> String {
         match self {
             Source::Group(g) => format!("group/{g}"),
+            Source::Rollout(g) => format!("rollout/{g}"),
             Source::Device => "device".to_owned(),
         }
     }
@@ -64,7 +75,12 @@ impl Source {
             "device" => Some(Source::Device),
             _ => label
                 .strip_prefix("group/")
-                .map(|g| Source::Group(g.to_owned())),
+                .map(|g| Source::Group(g.to_owned()))
+                .or_else(|| {
+                    label
+                        .strip_prefix("rollout/")
+                        .map(|g| Source::Rollout(g.to_owned()))
+                }),
         }
     }
 }
@@ -90,6 +106,10 @@ impl DocTopics {
         format!("{prefix}/fleet/{group}/config")
     }
 
+    pub fn rollout(prefix: &str, group: &str) -> String {
+        format!("{prefix}/fleet/{group}/rollout")
+    }
+
     pub fn device(prefix: &str, device_id: &str) -> String {
         format!("{prefix}/{device_id}/config")
     }
@@ -105,25 +125,39 @@ impl DocTopics {
             .iter()
             .map(|g| Self::group(&self.prefix, g))
             .collect();
+        f.extend(self.groups.iter().map(|g| Self::rollout(&self.prefix, g)));
         f.push(Self::device(&self.prefix, &self.device_id));
         f
+    }
+
+    pub fn groups(&self) -> &[String] {
+        &self.groups
     }
 
     pub fn source_of(&self, topic: &str) -> Option<Source> {
         if topic == Self::device(&self.prefix, &self.device_id) {
             return Some(Source::Device);
         }
-        self.groups
-            .iter()
-            .find(|g| topic == Self::group(&self.prefix, g))
-            .map(|g| Source::Group(g.clone()))
+        self.groups.iter().find_map(|g| {
+            if topic == Self::group(&self.prefix, g) {
+                Some(Source::Group(g.clone()))
+            } else if topic == Self::rollout(&self.prefix, g) {
+                Some(Source::Rollout(g.clone()))
+            } else {
+                None
+            }
+        })
     }
 
-    /// The order documents apply in: groups as configured, then the device.
+    /// The order documents apply in: groups as configured, then their rollouts, then the
+    /// device.
     pub fn rank(&self, source: &Source) -> usize {
+        let n = self.groups.len();
+        let at = |g: &String| self.groups.iter().position(|x| x == g).unwrap_or(0);
         match source {
-            Source::Group(g) => self.groups.iter().position(|x| x == g).unwrap_or(0),
-            Source::Device => self.groups.len(),
+            Source::Group(g) => at(g),
+            Source::Rollout(g) => n + at(g),
+            Source::Device => 2 * n,
         }
     }
 }
@@ -131,7 +165,7 @@ impl DocTopics {
 /// One verified document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
-    /// Where it was signed for: `group/NAME` or `device/ID`.
+    /// Where it was signed for: `group/NAME`, `rollout/GROUP` or `device/ID`.
     pub target: String,
     pub version: u64,
     /// An explicit, signed return to an older version: allowed at or below the version taken,
@@ -145,6 +179,8 @@ pub struct Document {
 
 /// Keys a document may carry besides `version` and `rollback`.
 const KEYS: &[&str] = &["policy", "store", "models", "telemetry", "log_level"];
+/// What a rollout document (`rollout/GROUP`) carries instead.
+const ROLLOUT_KEYS: &[&str] = &["rollout"];
 
 impl Document {
     pub fn parse(payload: &str) -> Result<Document, Rejection> {
@@ -157,6 +193,7 @@ impl Document {
         let target = match body.remove("target") {
             Some(Value::String(t))
                 if t.strip_prefix("group/")
+                    .or_else(|| t.strip_prefix("rollout/"))
                     .or_else(|| t.strip_prefix("device/"))
                     .is_some_and(|rest| !rest.is_empty() && !rest.contains(['/', '+', '#'])) =>
             {
@@ -164,7 +201,7 @@ impl Document {
             }
             _ => {
                 return Err(bad(
-                    "the document needs a `target`: \"group/NAME\" or \"device/ID\", the topic it was signed for (`tether fleet sign` fills it in)".into(),
+                    "the document needs a `target`: \"group/NAME\", \"rollout/GROUP\" or \"device/ID\", the topic it was signed for (`tether fleet sign` fills it in)".into(),
                 ));
             }
         };
@@ -196,11 +233,31 @@ impl Document {
             }
             _ => {}
         }
-        if let Some(k) = body.keys().find(|k| !KEYS.contains(&k.as_str())) {
-            return Err(Rejection::Invalid(format!(
-                "`{k}` cannot be set by the fleet; a document may set {}",
-                KEYS.join(", ")
-            )));
+        let is_rollout = target.starts_with("rollout/");
+        let keys = if is_rollout { ROLLOUT_KEYS } else { KEYS };
+        if let Some(k) = body.keys().find(|k| !keys.contains(&k.as_str())) {
+            return Err(Rejection::Invalid(if is_rollout || k == "rollout" {
+                format!(
+                    "`{k}` does not belong in this document: a rollout document (target rollout/GROUP) carries only `rollout`, and only it may"
+                )
+            } else {
+                format!(
+                    "`{k}` cannot be set by the fleet; a document may set {}",
+                    KEYS.join(", ")
+                )
+            }));
+        }
+        if is_rollout {
+            match body.get("rollout") {
+                Some(r) => {
+                    Rollout::parse(r).map_err(Rejection::Invalid)?;
+                }
+                None => {
+                    return Err(Rejection::Invalid(
+                        "a rollout document needs a `rollout` section".into(),
+                    ));
+                }
+            }
         }
         Ok(Document {
             target,
@@ -229,6 +286,35 @@ pub struct ModelUpdate {
     pub spec: Option<ModelSpec>,
 }
 
+/// A candidate run in the shadow of the serving model: after the reply, on `share` of the
+/// local requests, its answer compared with the serving model's (and the cloud's, when the
+/// request is audited). Downloaded and verified like any model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowUpdate {
+    pub version: String,
+    pub sha256: String,
+    pub url: String,
+    pub bytes: u64,
+    #[serde(default)]
+    pub spec: Option<ModelSpec>,
+    /// The share of local requests it runs on, above 0 and at most 1.
+    pub share: f64,
+}
+
+impl ShadowUpdate {
+    /// The file to fetch, as a model update.
+    pub fn model(&self) -> ModelUpdate {
+        ModelUpdate {
+            version: self.version.clone(),
+            sha256: self.sha256.clone(),
+            url: self.url.clone(),
+            bytes: self.bytes,
+            spec: self.spec.clone(),
+        }
+    }
+}
+
 /// Everything the documents in force ask for, validated.
 #[derive(Debug, Clone)]
 pub struct Desired {
@@ -236,6 +322,10 @@ pub struct Desired {
     pub config: Config,
     /// Per model: `Some` to install that file, `None` to remove the model.
     pub models: BTreeMap<String, Option<ModelUpdate>>,
+    /// Per model: a candidate to run in the serving model's shadow.
+    pub shadows: BTreeMap<String, ShadowUpdate>,
+    /// The rollouts in force and what each does on this device.
+    pub rollouts: Vec<RolloutView>,
     /// `None`: agent.toml's `fleet.telemetry_interval_secs`.
     pub telemetry_interval: Option<Duration>,
     /// `None`: the log filter the agent started with.
@@ -251,9 +341,34 @@ pub fn desired(
 ) -> Result<Desired, Rejection> {
     let mut merged = Map::new();
     let mut model_entries: BTreeMap<String, Value> = BTreeMap::new();
+    let mut rollouts = Vec::new();
     for doc in docs {
         for (k, v) in &doc.body {
-            if k == "models" {
+            if k == "rollout" {
+                let r = Rollout::parse(v).map_err(Rejection::Invalid)?;
+                let effect = r.effect(device_id, &base.fleet.groups);
+                if let Some(entry) = r.apply(&effect, model_entries.get(&r.model)) {
+                    model_entries.insert(r.model.clone(), entry);
+                }
+                rollouts.push(RolloutView {
+                    id: r.id.clone(),
+                    group: doc
+                        .target
+                        .strip_prefix("rollout/")
+                        .unwrap_or(&doc.target)
+                        .to_owned(),
+                    version: doc.version,
+                    model: r.model.clone(),
+                    candidate_version: r.candidate_version(),
+                    state: r.state,
+                    in_cohort: r.in_cohort(device_id, &base.fleet.groups),
+                    role: match effect {
+                        Effect::None => "none",
+                        Effect::Shadow { .. } => "shadow",
+                        Effect::Serve => "serve",
+                    },
+                });
+            } else if k == "models" {
                 let Value::Object(entries) = v else {
                     return Err(invalid("`models` must be an object of model name to entry"));
                 };
@@ -343,14 +458,45 @@ pub fn desired(
     };
 
     let mut models = BTreeMap::new();
-    for (name, entry) in model_entries {
+    let mut shadows = BTreeMap::new();
+    for (name, mut entry) in model_entries {
         if entry.is_null() {
             models.insert(name, None);
             continue;
         }
+        if let Value::Object(m) = &mut entry
+            && let Some(shadow) = m.remove("shadow")
+        {
+            let field = format!("models.{name}.shadow");
+            match serde_json::from_value::<ShadowUpdate>(shadow) {
+                Ok(u) => {
+                    if !(u.share > 0.0 && u.share <= 1.0) {
+                        errors.push(format!(
+                            "{field}.share is {}; use a share of requests above 0 and at most 1",
+                            u.share
+                        ));
+                    }
+                    check_update(
+                        &name,
+                        &field,
+                        &u.model(),
+                        zoo,
+                        base.fleet.allow_http,
+                        &mut errors,
+                    );
+                    shadows.insert(name.clone(), u);
+                }
+                Err(e) => errors.push(format!("{field}: {e}")),
+            }
+            if m.is_empty() {
+                // Only a shadow: the serving model in force stays.
+                continue;
+            }
+        }
         match serde_json::from_value::<ModelUpdate>(entry) {
             Ok(u) => {
-                check_update(&name, &u, zoo, base.fleet.allow_http, &mut errors);
+                let field = format!("models.{name}");
+                check_update(&name, &field, &u, zoo, base.fleet.allow_http, &mut errors);
                 models.insert(name, Some(u));
             }
             Err(e) => errors.push(format!("models.{name}: {e}")),
@@ -365,6 +511,8 @@ pub fn desired(
     Ok(Desired {
         config,
         models,
+        shadows,
+        rollouts,
         telemetry_interval,
         log_level,
     })
@@ -372,30 +520,29 @@ pub fn desired(
 
 fn check_update(
     name: &str,
+    field: &str,
     u: &ModelUpdate,
     zoo: &Manifest,
     allow_http: bool,
     errors: &mut Vec<String>,
 ) {
     if u.version.trim().is_empty() {
-        errors.push(format!("models.{name}.version is empty"));
+        errors.push(format!("{field}.version is empty"));
     }
     if u.sha256.len() != 64 || !u.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
         errors.push(format!(
-            "models.{name}.sha256 must be the file's sha256 in 64 hex digits"
+            "{field}.sha256 must be the file's sha256 in 64 hex digits"
         ));
     }
     if u.bytes == 0 {
-        errors.push(format!(
-            "models.{name}.bytes must be the file's size in bytes"
-        ));
+        errors.push(format!("{field}.bytes must be the file's size in bytes"));
     }
     if let Err(e) = check_url(&u.url, allow_http) {
-        errors.push(format!("models.{name}.url: {e}"));
+        errors.push(format!("{field}.url: {e}"));
     }
     match &u.spec {
         Some(spec) if spec.name != name => errors.push(format!(
-            "models.{name}.spec names the model `{}`",
+            "{field}.spec names the model `{}`",
             spec.name
         )),
         Some(_) => {}
@@ -630,9 +777,22 @@ mod tests {
             vec![
                 "tether/fleet/lab/config",
                 "tether/fleet/eu/config",
+                "tether/fleet/lab/rollout",
+                "tether/fleet/eu/rollout",
                 "tether/pi-1/config"
             ]
         );
+        assert_eq!(
+            t.source_of("tether/fleet/eu/rollout"),
+            Some(Source::Rollout("eu".into()))
+        );
+        assert_eq!(t.source_of("tether/fleet/other/rollout"), None);
+        // Groups, then their rollouts, then the device.
+        assert!(t.rank(&Source::Group("eu".into())) < t.rank(&Source::Rollout("lab".into())));
+        assert!(t.rank(&Source::Rollout("eu".into())) < t.rank(&Source::Device));
+        assert_eq!(Source::Rollout("lab".into()).target("pi-1"), "rollout/lab");
+        let r = Source::Rollout("lab".into());
+        assert_eq!(Source::from_label(&r.label()), Some(r));
         assert_eq!(t.source_of("tether/pi-1/config"), Some(Source::Device));
         assert_eq!(
             t.source_of("tether/fleet/eu/config"),
@@ -645,5 +805,145 @@ mod tests {
         }
         assert_eq!(Source::Device.target("pi-1"), "device/pi-1");
         assert_eq!(Source::Group("lab".into()).target("pi-1"), "group/lab");
+    }
+
+    fn rollout_doc(rollout: Value, version: u64) -> Document {
+        doc(json!({"target": "rollout/lab", "version": version, "rollout": rollout}))
+    }
+
+    fn rollout(cohort: Value, state: &str, serve: bool) -> Value {
+        json!({
+            "id": "digits-2", "model": "digits",
+            "candidate": {"version": "2.0.0", "sha256": SHA, "url": "https://relay/d2", "bytes": 7},
+            "cohort": cohort, "state": state, "serve": serve, "shadow_share": 0.5,
+        })
+    }
+
+    #[test]
+    fn rollout_documents_carry_only_a_rollout_and_only_they_may() {
+        let ok = json!({"target": "rollout/lab", "version": 1,
+                        "rollout": rollout(json!({"share": 1.0}), "running", false)});
+        assert!(Document::parse(&ok.to_string()).is_ok());
+        let mut extra = ok.clone();
+        extra["policy"] = json!({});
+        let cases = [
+            (extra, "only `rollout`"),
+            (
+                json!({"target": "rollout/lab", "version": 1}),
+                "needs a `rollout`",
+            ),
+            (
+                json!({"target": "group/lab", "version": 1,
+                       "rollout": rollout(json!({"share": 1.0}), "running", false)}),
+                "only `rollout`",
+            ),
+            (
+                json!({"target": "rollout/lab", "version": 1,
+                       "rollout": rollout(json!({"share": 7}), "running", false)}),
+                "cohort.share",
+            ),
+            (
+                json!({"target": "rollout/a/b", "version": 1}),
+                "needs a `target`",
+            ),
+        ];
+        for (d, want) in cases {
+            let e = Document::parse(&d.to_string()).expect_err(&d.to_string());
+            assert!(e.message().contains(want), "{d}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_rollout_shadows_serves_or_leaves_the_model_by_state_and_cohort() {
+        let serving =
+            json!({"version": "1.5.0", "sha256": SHA, "url": "https://relay/d15", "bytes": 7});
+        let group = doc(json!({"version": 3, "models": {"digits": serving}}));
+        let mut canary = base();
+        canary.fleet.groups = vec!["lab".into(), "canary".into()];
+        let cohort = json!({"group": "canary"});
+        // (state, serve, base config, expected serving version, expected shadow, role)
+        let cases = [
+            (
+                "running",
+                false,
+                canary.clone(),
+                Some("1.5.0"),
+                Some("2.0.0"),
+                "shadow",
+            ),
+            ("running", false, base(), Some("1.5.0"), None, "none"),
+            (
+                "running",
+                true,
+                canary.clone(),
+                Some("2.0.0"),
+                None,
+                "serve",
+            ),
+            ("promoted", false, base(), Some("2.0.0"), None, "serve"),
+            (
+                "rolled_back",
+                false,
+                canary.clone(),
+                Some("1.5.0"),
+                None,
+                "none",
+            ),
+        ];
+        for (state, serve, raw, want_serving, want_shadow, role) in cases {
+            let r = rollout_doc(rollout(cohort.clone(), state, serve), 2);
+            let d = desired(&raw, "pi-1", &[&group, &r], &zoo()).unwrap();
+            let label = format!("{state} serve={serve} groups={:?}", raw.fleet.groups);
+            assert_eq!(
+                d.models["digits"].as_ref().map(|u| u.version.as_str()),
+                want_serving,
+                "{label}"
+            );
+            assert_eq!(
+                d.shadows.get("digits").map(|s| s.version.as_str()),
+                want_shadow,
+                "{label}"
+            );
+            if let Some(s) = d.shadows.get("digits") {
+                assert_eq!(s.share, 0.5);
+            }
+            assert_eq!(d.rollouts.len(), 1);
+            assert_eq!(d.rollouts[0].role, role, "{label}");
+            assert_eq!(d.rollouts[0].group, "lab");
+            assert_eq!(d.rollouts[0].version, 2);
+        }
+        // Over the zoo's model (no group entry), a shadow leaves the serving model alone.
+        let r = rollout_doc(rollout(json!({"share": 1.0}), "running", false), 1);
+        let d = desired(&base(), "pi-1", &[&r], &zoo()).unwrap();
+        assert!(!d.models.contains_key("digits"), "{:?}", d.models);
+        assert_eq!(d.shadows["digits"].version, "2.0.0");
+    }
+
+    #[test]
+    fn shadow_entries_are_checked_like_models() {
+        let shadow = |extra: Value| {
+            let mut s = json!({"version": "2", "sha256": SHA, "url": "https://relay/x", "bytes": 5, "share": 0.5});
+            for (k, v) in extra.as_object().unwrap() {
+                s[k] = v.clone();
+            }
+            doc(json!({"version": 1, "models": {"digits": {"shadow": s}}}))
+        };
+        assert!(desired(&base(), "pi-1", &[&shadow(json!({}))], &zoo()).is_ok());
+        let cases = [
+            (json!({"share": 0.0}), "shadow.share"),
+            (json!({"share": 1.5}), "shadow.share"),
+            (json!({"sha256": "zz"}), "shadow.sha256"),
+            (json!({"url": "http://relay/x"}), "shadow.url"),
+            (json!({"bytes": 0}), "shadow.bytes"),
+            (json!({"extra": 1}), "shadow"),
+        ];
+        for (extra, want) in cases {
+            let Err(Rejection::Invalid(m)) =
+                desired(&base(), "pi-1", &[&shadow(extra.clone())], &zoo())
+            else {
+                panic!("{extra} accepted")
+            };
+            assert!(m.contains(want), "{extra}: {m}");
+        }
     }
 }

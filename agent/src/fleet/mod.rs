@@ -31,10 +31,11 @@ use crate::live::{Live, Settings, Switch};
 use crate::mqtt::{Client, Message};
 use crate::pipeline::RunCounters;
 use crate::store::{FleetRow, StoreHandle, now_ms};
-use doc::{Desired, DocTopics, Document, Source};
+use doc::{Desired, DocTopics, Document, ModelUpdate, Source};
 use download::Fetcher;
 use envelope::{Open as _, TrustedKeys};
 use health::{HealthRule, Verdict};
+use models::engine::LoadedModel;
 
 /// Why a document was not applied, with the sentence its sender reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,67 +313,95 @@ impl Fleet {
         let current = self.cx.switch.live.get();
         let mut changes = Vec::new();
         for (name, entry) in &desired.models {
-            let Some(update) = entry else {
-                changes.push((name.clone(), None));
-                continue;
+            let loaded = match entry {
+                Some(update) => Some(self.model_for(name, update, &current).await?),
+                None => None,
             };
-            let same = |e: &Engine| {
-                e.model(name)
-                    .ok()
-                    .filter(|m| m.sha256().eq_ignore_ascii_case(&update.sha256))
-                    .cloned()
-            };
-            if let Some(m) = same(&current.engine).or_else(|| same(&self.cx.base_engine)) {
-                changes.push((name.clone(), Some(m)));
-                continue;
-            }
-            let path = self.cx.fetcher.fetch(name, update).await?;
-            let mut spec = match &update.spec {
-                Some(s) => s.clone(),
-                None => self
-                    .cx
-                    .base_engine
-                    .manifest()
-                    .model(name)
-                    .map_err(|e| Rejection::Invalid(e.to_string()))?
-                    .clone(),
-            };
-            spec.version = update.version.clone();
-            let variant = VariantSpec {
-                variant: Variant::Device,
-                file: path.to_string_lossy().into_owned(),
-                sha256: update.sha256.to_lowercase(),
-                bytes: std::fs::metadata(&path).map_or(0, |m| m.len()),
-                precision: spec
-                    .variant(Variant::Device)
-                    .map_or_else(|| "unknown".to_owned(), |v| v.precision.clone()),
-                parameters: None,
-                test_accuracy: None,
-            };
-            spec.variants = vec![variant.clone()];
-            let engine_config = self.cx.engine_config.clone();
-            let manifest = self.cx.base_engine.manifest().clone();
-            let loaded = tokio::task::spawn_blocking(move || {
-                engine_config.load_model(&manifest, &spec, &variant)
-            })
-            .await
-            .map_err(|e| Rejection::LoadFailed(e.to_string()))?
-            .map_err(|e| {
-                Rejection::LoadFailed(format!(
-                    "model `{name}` version {} failed its health check: it does not load ({e}); the previous configuration keeps serving",
-                    update.version
-                ))
-            })?;
-            tracing::info!(model = %name, version = %update.version, "New model loaded.");
-            changes.push((name.clone(), Some(loaded)));
+            changes.push((name.clone(), loaded));
+        }
+        let mut shadows = BTreeMap::new();
+        for (name, shadow) in &desired.shadows {
+            let model = self.model_for(name, &shadow.model(), &current).await?;
+            shadows.insert(
+                name.clone(),
+                crate::live::Shadow {
+                    model,
+                    share: shadow.share,
+                },
+            );
         }
         let settings = Settings {
             engine: self.cx.base_engine.with_changes(changes),
             policy: desired.config.policy.clone(),
             cache: desired.config.store.cache.clone(),
             config_version: self.label(docs),
+            shadows,
+            rollouts: desired.rollouts.clone(),
         };
         Ok((settings, desired))
+    }
+
+    /// The model a document's entry names: one already loaded with the same file (serving,
+    /// shadowing or in the zoo), else fetched, verified and loaded.
+    async fn model_for(
+        &self,
+        name: &str,
+        update: &ModelUpdate,
+        current: &Settings,
+    ) -> Result<Arc<LoadedModel>, Rejection> {
+        let same = |m: &Arc<LoadedModel>| {
+            (m.sha256().eq_ignore_ascii_case(&update.sha256) && m.spec().version == update.version)
+                .then(|| m.clone())
+        };
+        if let Some(m) = current
+            .engine
+            .model(name)
+            .ok()
+            .and_then(same)
+            .or_else(|| current.shadows.get(name).and_then(|s| same(&s.model)))
+            .or_else(|| self.cx.base_engine.model(name).ok().and_then(same))
+        {
+            return Ok(m);
+        }
+        let path = self.cx.fetcher.fetch(name, update).await?;
+        let mut spec = match &update.spec {
+            Some(s) => s.clone(),
+            None => self
+                .cx
+                .base_engine
+                .manifest()
+                .model(name)
+                .map_err(|e| Rejection::Invalid(e.to_string()))?
+                .clone(),
+        };
+        spec.version = update.version.clone();
+        let variant = VariantSpec {
+            variant: Variant::Device,
+            file: path.to_string_lossy().into_owned(),
+            sha256: update.sha256.to_lowercase(),
+            bytes: std::fs::metadata(&path).map_or(0, |m| m.len()),
+            precision: spec
+                .variant(Variant::Device)
+                .map_or_else(|| "unknown".to_owned(), |v| v.precision.clone()),
+            parameters: None,
+            test_accuracy: None,
+        };
+        spec.variants = vec![variant.clone()];
+        let engine_config = self.cx.engine_config.clone();
+        let manifest = self.cx.base_engine.manifest().clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            engine_config.load_model(&manifest, &spec, &variant)
+        })
+        .await
+        .map_err(|e| Rejection::LoadFailed(e.to_string()))?
+        .map_err(|e| {
+            Rejection::LoadFailed(format!(
+                "model `{name}` version {} failed its health check: it does not load ({e}); the previous configuration keeps serving",
+                update.version
+            ))
+        })?;
+        tracing::info!(model = %name, version = %update.version, "New model loaded.");
+        Ok(loaded)
     }
 
     /// Puts settings in force, with everything that is not read per request.
@@ -717,91 +746,155 @@ fn publish_status(client: &Client, topic: &str, status: &Status) {
     }
 }
 
-/// The model files a set of documents uses.
+/// The model files a set of documents uses: serving, shadows and rollout candidates.
 fn model_files(fetcher: &Fetcher, docs: &BTreeMap<Source, Held>) -> Vec<PathBuf> {
+    use serde_json::Value;
+    let sha = |v: &Value| v.get("sha256").and_then(Value::as_str).map(str::to_owned);
     let mut out = Vec::new();
     for h in docs.values() {
-        if let Some(serde_json::Value::Object(models)) = h.doc.body.get("models") {
+        if let Some(Value::Object(models)) = h.doc.body.get("models") {
             for (name, entry) in models {
-                if let Some(sha) = entry.get("sha256").and_then(|s| s.as_str()) {
-                    out.push(fetcher.path_for(name, sha));
+                for s in [sha(entry), entry.get("shadow").and_then(sha)]
+                    .into_iter()
+                    .flatten()
+                {
+                    out.push(fetcher.path_for(name, &s));
                 }
             }
+        }
+        if let Some(r) = h.doc.body.get("rollout")
+            && let (Some(name), Some(s)) = (
+                r.get("model").and_then(Value::as_str),
+                r.get("candidate").and_then(sha),
+            )
+        {
+            out.push(fetcher.path_for(name, &s));
         }
     }
     out
 }
 
-/// Publishes telemetry every interval (which the fleet may change; 0 pauses it).
-#[allow(clippy::too_many_arguments)]
-pub async fn telemetry_loop(
-    client: Client,
-    topic: String,
-    device_id: String,
-    mut interval: watch::Receiver<Duration>,
-    load: watch::Receiver<crate::monitor::Load>,
-    metrics: crate::metrics::Metrics,
-    counters: Arc<crate::store::Counters>,
-    live: Live,
-    sensors: crate::sensors::SensorsView,
-    stop: CancellationToken,
-) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut last_cache = (
-        counters.cache_hits.load(Relaxed),
-        counters.cache_misses.load(Relaxed),
-    );
-    loop {
-        let every = *interval.borrow_and_update();
-        let wait = async {
-            if every.is_zero() {
-                std::future::pending::<()>().await;
-            }
-            tokio::time::sleep(every).await;
-        };
-        tokio::select! {
-            () = stop.cancelled() => return,
-            r = interval.changed() => {
-                if r.is_err() {
-                    return;
-                }
-                continue;
-            }
-            () = wait => {}
-        }
-        let window = metrics.take_window();
-        let cache = (
+/// What the telemetry task reads and where it publishes.
+pub struct Telemetry {
+    pub client: Client,
+    /// `{prefix}/{device_id}/telemetry`.
+    pub topic: String,
+    /// `{prefix}/{device_id}/quality`: the quality report, retained.
+    pub quality_topic: String,
+    pub device_id: String,
+    pub interval: watch::Receiver<Duration>,
+    pub load: watch::Receiver<crate::monitor::Load>,
+    pub metrics: crate::metrics::Metrics,
+    pub counters: Arc<crate::store::Counters>,
+    pub live: Live,
+    pub sensors: crate::sensors::SensorsView,
+    pub quality: Arc<crate::quality::Quality>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Telemetry {
+    /// Publishes telemetry and the quality report every interval (which the fleet may change;
+    /// 0 pauses both) until `stop`.
+    pub async fn run(mut self, stop: CancellationToken) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counters = self.counters.clone();
+        let mut last_cache = (
             counters.cache_hits.load(Relaxed),
             counters.cache_misses.load(Relaxed),
         );
-        let settings = live.get();
-        let body = telemetry::message(&telemetry::Inputs {
-            device_id: &device_id,
-            ts_ms: now_ms(),
-            interval_secs: every.as_secs_f64(),
-            load: *load.borrow(),
-            window: &window,
-            cache_hits: cache.0 - last_cache.0,
-            cache_misses: cache.1 - last_cache.1,
-            outbox_rows: counters.outbox_rows.load(Relaxed),
-            outbox_dropped: counters.outbox_dropped.load(Relaxed),
-            config_version: settings.config_version.as_deref(),
-            models: settings
-                .engine
-                .models()
-                .map(|m| (m.name().to_owned(), m.spec().version.clone()))
-                .collect(),
-            sensors: serde_json::Value::Object(
-                sensors
-                    .counters
-                    .iter()
-                    .map(|(k, c)| (k.clone(), c.to_json()))
+        loop {
+            let every = *self.interval.borrow_and_update();
+            let wait = async {
+                if every.is_zero() {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(every).await;
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                r = self.interval.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                () = wait => {}
+            }
+            let window = self.metrics.take_window();
+            let cache = (
+                counters.cache_hits.load(Relaxed),
+                counters.cache_misses.load(Relaxed),
+            );
+            let settings = self.live.get();
+            let body = telemetry::message(&telemetry::Inputs {
+                device_id: &self.device_id,
+                ts_ms: now_ms(),
+                interval_secs: every.as_secs_f64(),
+                load: *self.load.borrow(),
+                window: &window,
+                cache_hits: cache.0 - last_cache.0,
+                cache_misses: cache.1 - last_cache.1,
+                outbox_rows: counters.outbox_rows.load(Relaxed),
+                outbox_dropped: counters.outbox_dropped.load(Relaxed),
+                config_version: settings.config_version.as_deref(),
+                models: settings
+                    .engine
+                    .models()
+                    .map(|m| (m.name().to_owned(), m.spec().version.clone()))
                     .collect(),
-            ),
-        });
-        last_cache = cache;
-        if let Err(e) = client.try_publish_volatile(&topic, body.to_string().into_bytes()) {
-            tracing::debug!(error = %e, "Telemetry not sent.");
+                sensors: serde_json::Value::Object(
+                    self.sensors
+                        .counters
+                        .iter()
+                        .map(|(k, c)| (k.clone(), c.to_json()))
+                        .collect(),
+                ),
+            });
+            last_cache = cache;
+            if let Err(e) = self
+                .client
+                .try_publish_volatile(&self.topic, body.to_string().into_bytes())
+            {
+                tracing::debug!(error = %e, "Telemetry not sent.");
+            }
+            let tallies = self.quality.snapshot();
+            let report = crate::quality::report(&crate::quality::ReportInputs {
+                device_id: &self.device_id,
+                ts_ms: now_ms(),
+                config_version: settings.config_version.as_deref(),
+                serving: settings
+                    .engine
+                    .models()
+                    .map(|m| {
+                        (
+                            m.name().to_owned(),
+                            m.spec().version.clone(),
+                            settings.policy.audit_rate(m.name()),
+                        )
+                    })
+                    .collect(),
+                shadows: settings
+                    .shadows
+                    .iter()
+                    .map(|(name, s)| (name.clone(), s.model.spec().version.clone(), s.share))
+                    .collect(),
+                rollouts: &settings.rollouts,
+                tallies: &tallies,
+                counters: &self.quality.counters,
+            });
+            if let Err(e) = self
+                .client
+                .try_publish_retained(&self.quality_topic, report.to_string().into_bytes())
+            {
+                tracing::debug!(error = %e, "Quality report not sent.");
+            }
         }
     }
 }

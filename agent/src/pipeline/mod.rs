@@ -21,6 +21,7 @@ pub mod decode;
 mod dedupe;
 mod front;
 mod held;
+mod observe;
 mod relay;
 pub(crate) mod reply;
 mod worker;
@@ -148,6 +149,8 @@ pub struct Routing {
     pub in_service: Arc<AtomicUsize>,
     pub runtime: tokio::runtime::Handle,
     pub metrics: Metrics,
+    /// Audits and shadow runs, tallied per model version.
+    pub quality: Arc<crate::quality::Quality>,
 }
 
 impl Routing {
@@ -195,6 +198,8 @@ pub(crate) struct Shared {
     /// Past the shutdown grace period: what is dropped unanswered is released, not failed.
     abandoning: AtomicBool,
     registry: Mutex<dedupe::Registry>,
+    /// Where local answers go for auditing and shadow runs, after their reply.
+    observer: observe::Observer,
 }
 
 impl Shared {
@@ -326,6 +331,8 @@ pub struct Pipeline {
     front: JoinHandle<()>,
     front_stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
+    observer: JoinHandle<()>,
+    observer_stop: Arc<AtomicBool>,
     closing: Arc<AtomicBool>,
     health: StageHealth,
 }
@@ -394,6 +401,17 @@ impl Pipeline {
         for (key, expires_ms) in remembered {
             registry.on_disk(key, expires_ms);
         }
+        let (arrivals_tx, arrivals_rx) = flume::bounded::<Arrival>(admission);
+        let (jobs_tx, jobs_rx) = flume::bounded::<Job>(admission);
+        let observer_stop = Arc::new(AtomicBool::new(false));
+        let (observer, observer_stage) = observe::channel(
+            QueueProbe(jobs_tx.downgrade()),
+            routing.quality.clone(),
+            routing.cloud.clone(),
+            routing.runtime.clone(),
+            store.clone(),
+            observer_stop.clone(),
+        );
         let shared = Arc::new(Shared {
             topics: cfg.topics,
             device_id: cfg.device_id,
@@ -410,9 +428,9 @@ impl Pipeline {
             responders: AtomicUsize::new(0),
             abandoning: AtomicBool::new(false),
             registry: Mutex::new(registry),
+            observer,
         });
-        let (arrivals_tx, arrivals_rx) = flume::bounded::<Arrival>(admission);
-        let (jobs_tx, jobs_rx) = flume::bounded::<Job>(admission);
+        let observer = observer_stage.spawn()?;
         let front_stop = Arc::new(AtomicBool::new(false));
         let health = StageHealth::default();
         let front = {
@@ -458,6 +476,8 @@ impl Pipeline {
             front,
             front_stop,
             workers,
+            observer,
+            observer_stop,
             closing: Arc::new(AtomicBool::new(false)),
             health,
         })
@@ -514,6 +534,11 @@ impl Pipeline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
+        // Audits and shadow runs waiting are dropped: they answer no one.
+        self.observer_stop.store(true, Ordering::Relaxed);
+        while !self.observer.is_finished() && Instant::now() < deadline + Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         drained && self.workers.iter().all(JoinHandle::is_finished)
     }
 }
@@ -556,12 +581,31 @@ pub(crate) mod tests {
         assert_eq!(t.percentiles("other"), (None, None));
     }
 
+    /// A shadow of this version panics in the observer.
+    pub(crate) const PANIC_IN_OBSERVER: &str = "test-panic-in-observer";
+
     /// A request with this id panics in a worker.
     pub(crate) const PANIC_IN_WORKER: &str = "test-panic-in-worker";
     /// A request made inside the agent with this id panics in the front stage.
     pub(crate) const PANIC_IN_FRONT: &str = "test-panic-in-front";
 
     fn pipeline(dir: &std::path::Path) -> (Pipeline, Metrics, crate::store::StoreThread) {
+        let r = rig(dir);
+        (r.pipeline, r.metrics, r.store_thread)
+    }
+
+    /// A pipeline and the handles a test steers it by.
+    struct Rig {
+        pipeline: Pipeline,
+        metrics: Metrics,
+        store_thread: crate::store::StoreThread,
+        live: Live,
+        load: watch::Sender<Load>,
+        quality: Arc<crate::quality::Quality>,
+        cfg: crate::config::Config,
+    }
+
+    fn rig(dir: &std::path::Path) -> Rig {
         let mut raw = RawConfig {
             device_id: Some("unit".into()),
             models_dir: Some(models::default_zoo_dir()),
@@ -580,20 +624,19 @@ pub(crate) mod tests {
         let (store, thread) =
             crate::store::open(&cfg.store, crate::store::OpenMode::Agent).unwrap();
         let metrics = Metrics::default();
+        let (load, load_rx) = watch::channel(Load::default());
+        let live = Live::new(crate::live::Settings::local(engine, &cfg));
+        let quality = Arc::new(crate::quality::Quality::default());
         let routing = Routing {
-            live: Live::new(crate::live::Settings {
-                engine,
-                policy: cfg.policy.clone(),
-                cache: cfg.store.cache.clone(),
-                config_version: None,
-            }),
+            live: live.clone(),
             health: Arc::default(),
             cloud: None,
-            load_rx: watch::channel(Load::default()).1,
+            load_rx,
             times: Arc::default(),
             in_service: Arc::default(),
             runtime: tokio::runtime::Handle::current(),
             metrics: metrics.clone(),
+            quality: quality.clone(),
         };
         let p = Pipeline::start(
             PipelineConfig {
@@ -615,7 +658,15 @@ pub(crate) mod tests {
             Vec::new(),
         )
         .unwrap();
-        (p, metrics, thread)
+        Rig {
+            pipeline: p,
+            metrics,
+            store_thread: thread,
+            live,
+            load,
+            quality,
+            cfg,
+        }
     }
 
     fn request(id: &str) -> LocalRequest {
@@ -708,5 +759,112 @@ pub(crate) mod tests {
         let (front, workers) = p.health().alive();
         assert!(front && workers == 1, "every stage is alive");
         assert!(p.drain(Duration::from_secs(5)).await);
+    }
+
+    /// Settings with every digits answer audited and shadowed by a copy of digits labelled
+    /// `shadow_version`.
+    fn observed(r: &Rig, shadow_version: &str) -> crate::live::Settings {
+        let current = r.live.get();
+        let serving = current.engine.model("digits").unwrap();
+        let mut spec = serving.spec().clone();
+        spec.version = shadow_version.to_owned();
+        let variant = serving.variant().clone();
+        let shadow = EngineConfig::default()
+            .load_model(current.engine.manifest(), &spec, &variant)
+            .unwrap();
+        let mut policy = r.cfg.policy.clone();
+        policy.models.insert(
+            "digits".into(),
+            crate::config::RawModelPolicy {
+                audit_rate: Some(1.0),
+                ..Default::default()
+            },
+        );
+        let mut settings = crate::live::Settings::local(current.engine.clone(), &r.cfg);
+        settings.policy = policy;
+        settings.shadows.insert(
+            "digits".into(),
+            crate::live::Shadow {
+                model: shadow,
+                share: 1.0,
+            },
+        );
+        settings
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not within 5 s: {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn audits_and_shadow_runs_wait_for_the_device_to_be_under_its_limits() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = crate::test_scratch_dir("pipeline-observe");
+        let r = rig(&dir);
+        let intake = r.pipeline.intake();
+        let c = &r.quality.counters;
+        r.live.set(observed(&r, "2.0.0-shadow"));
+        // Over each limit in turn: answered, and nothing audited or shadowed.
+        let overs = [
+            Load {
+                cpu_percent: Some(99.0),
+                ..Load::default()
+            },
+            Load {
+                temperature_c: Some(90.0),
+                ..Load::default()
+            },
+            Load {
+                throttled: true,
+                ..Load::default()
+            },
+        ];
+        for (i, load) in overs.into_iter().enumerate() {
+            r.load.send_replace(load);
+            for j in 0..5 {
+                assert!(ask(&intake, &format!("over-{i}-{j}")).await.is_ok());
+            }
+        }
+        until("15 skipped over limits", || {
+            c.skipped_over_limits.load(Relaxed) == 15
+        })
+        .await;
+        assert_eq!(c.shadow_runs.load(Relaxed), 0);
+        assert!(r.quality.snapshot().is_empty());
+        // Under the limits: every answer is shadowed; audits wait for a relay (none here).
+        r.load.send_replace(Load {
+            cpu_percent: Some(10.0),
+            temperature_c: Some(40.0),
+            ..Load::default()
+        });
+        for j in 0..20 {
+            assert!(ask(&intake, &format!("under-{j}")).await.is_ok());
+        }
+        until("20 shadow runs", || c.shadow_runs.load(Relaxed) == 20).await;
+        assert_eq!(c.skipped_relay_down.load(Relaxed), 20);
+        assert_eq!(c.audits.load(Relaxed), 0);
+        let t = r.quality.snapshot()[&("digits".to_owned(), "2.0.0-shadow".to_owned())];
+        assert_eq!((t.compared, t.agree_serving, t.audited), (20, 20, 0));
+        // A panic in the observer is counted and the observer goes on.
+        r.live.set(observed(&r, PANIC_IN_OBSERVER));
+        assert!(
+            ask(&intake, "poison").await.is_ok(),
+            "the reply is not affected"
+        );
+        until("the observer's panic counted", || {
+            c.panics.load(Relaxed) == 1
+        })
+        .await;
+        r.live.set(observed(&r, "2.0.0-shadow"));
+        assert!(ask(&intake, "after").await.is_ok());
+        until("the observer goes on", || c.shadow_runs.load(Relaxed) == 21).await;
+        assert!(r.pipeline.drain(Duration::from_secs(5)).await);
+        drop(r.store_thread);
     }
 }

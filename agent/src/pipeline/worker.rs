@@ -13,7 +13,7 @@ use models::sha256::Sha256;
 use models::v2::InferenceResponse;
 
 use super::reply::{Answer, Journey, finish_response, top1};
-use super::{Job, Prepared, Shared, relay};
+use super::{Job, Prepared, Shared, observe, relay};
 use crate::config::HistoryInputs;
 use crate::infer::run_decoded;
 use crate::policy;
@@ -62,6 +62,9 @@ impl Worker {
                 if !job.slot.answer(&answer) {
                     // Its deadline passed while it ran: it was answered then.
                     self.shared.metrics.late_result();
+                } else if let Answer::Response(response) = &answer {
+                    // Answered: audits and shadow runs come after, on other threads.
+                    observe::offer(&self.shared, job, response);
                 }
             }
             Ok(Outcome::Escalate { local, queue_ms }) => {

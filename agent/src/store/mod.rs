@@ -153,6 +153,23 @@ pub struct HistoryRecord {
     pub confidence: Option<f64>,
 }
 
+/// An audited sample: a local answer beside the relay model's answer to the same request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    pub ts_ms: i64,
+    pub model: String,
+    pub version: String,
+    /// `serving` or `shadow`: which local model answered.
+    pub role: &'static str,
+    pub local_label: String,
+    pub local_p: f64,
+    pub cloud_label: String,
+    pub cloud_p: f64,
+}
+
+/// Per model version: audited samples and how many agreed with the cloud.
+pub type AuditTotals = Vec<(String, String, u64, u64)>;
+
 /// What `cache stats` and the status report.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoreReport {
@@ -236,6 +253,10 @@ enum Command {
         reply: flume::Sender<Result<u64, StoreError>>,
     },
     History(Box<HistoryRecord>),
+    Audit(Vec<AuditRecord>),
+    AuditTotals {
+        reply: flume::Sender<Result<AuditTotals, StoreError>>,
+    },
     Report {
         reply: flume::Sender<Result<StoreReport, StoreError>>,
     },
@@ -623,6 +644,25 @@ impl StoreHandle {
                 .history_skipped
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records audited samples; skipped (and counted) when the store is busy.
+    pub fn audit_record(&self, records: Vec<AuditRecord>) {
+        if self.commands_tx.try_send(Command::Audit(records)).is_err() {
+            self.counters
+                .history_skipped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Per model version, the audited samples recorded and how many agreed with the cloud.
+    pub async fn audit_totals(&self) -> Result<AuditTotals, StoreError> {
+        let (reply, rx) = flume::bounded(1);
+        self.commands_tx
+            .send_async(Command::AuditTotals { reply })
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        rx.recv_async().await.map_err(|_| StoreError::Stopped)?
     }
 
     pub async fn report(&self) -> Result<StoreReport, StoreError> {
@@ -1097,6 +1137,43 @@ impl Worker {
                     Command::History(record) => {
                         self.state.record(tx, &record)?;
                         writes += 1;
+                    }
+                    Command::Audit(records) => {
+                        for r in &records {
+                            tx.prepare_cached(schema::AUDIT_INSERT)?.execute(params![
+                                r.ts_ms,
+                                r.model,
+                                r.version,
+                                r.role,
+                                r.local_label,
+                                r.local_p,
+                                r.cloud_label,
+                                r.cloud_p
+                            ])?;
+                        }
+                        tx.prepare_cached(schema::AUDIT_TRIM)?
+                            .execute([schema::AUDIT_MAX_ROWS])?;
+                        writes += 1;
+                    }
+                    Command::AuditTotals { reply } => {
+                        let rows = tx
+                            .prepare_cached(schema::AUDIT_TOTALS)?
+                            .query_map([], |r| {
+                                Ok((
+                                    r.get::<_, String>(0)?,
+                                    r.get::<_, String>(1)?,
+                                    r.get::<_, i64>(2)?,
+                                    r.get::<_, Option<i64>>(3)?,
+                                ))
+                            })?
+                            .map(|row| {
+                                row.map(|(m, v, n, agree)| {
+                                    let count = |x: i64| u64::try_from(x).unwrap_or(0);
+                                    (m, v, count(n), count(agree.unwrap_or(0)))
+                                })
+                            })
+                            .collect::<Result<Vec<_>, _>>();
+                        let _ = reply.send(rows.map_err(Into::into));
                     }
                     Command::Report { reply } => {
                         let _ = reply.send(self.state.report(tx).map_err(Into::into));

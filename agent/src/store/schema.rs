@@ -71,7 +71,31 @@ pub const MIGRATIONS: &[&str] = &[
         expires_ms INTEGER NOT NULL
     );
     ",
+    // 4: audited samples: a local answer and the relay model's answer to the same request,
+    // per model version (serving or shadow). Rollouts are judged on their agreement.
+    "
+    CREATE TABLE audits (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ms       INTEGER NOT NULL,
+        model       TEXT NOT NULL,
+        version     TEXT NOT NULL,
+        role        TEXT NOT NULL,
+        local_label TEXT NOT NULL,
+        local_p     REAL NOT NULL,
+        cloud_label TEXT NOT NULL,
+        cloud_p     REAL NOT NULL
+    );
+    ",
 ];
+
+pub const AUDIT_INSERT: &str =
+    "INSERT INTO audits (ts_ms, model, version, role, local_label, local_p, cloud_label, cloud_p)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+pub const AUDIT_TRIM: &str = "DELETE FROM audits WHERE id <= (SELECT MAX(id) FROM audits) - ?1";
+pub const AUDIT_TOTALS: &str = "SELECT model, version, COUNT(*), SUM(local_label = cloud_label)
+     FROM audits GROUP BY model, version ORDER BY model, version";
+/// Audits kept: the oldest go beyond this.
+pub const AUDIT_MAX_ROWS: i64 = 100_000;
 
 pub const FLEET_CLEAR: &str = "DELETE FROM fleet_state";
 pub const FLEET_PUT: &str = "INSERT INTO fleet_state (source, seen, good_version, envelope, saved_ms) VALUES (?1, ?2, ?3, ?4, ?5)";
