@@ -9,5 +9,6 @@ pub mod escalation;
 pub mod loadgen;
 pub mod operator;
 pub mod package;
+pub mod rollout;
 pub mod store_bench;
 pub mod stream;

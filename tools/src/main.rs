@@ -83,6 +83,12 @@ enum FleetAction {
         #[arg(long)]
         wait_secs: Option<u64>,
     },
+    /// Model rollouts judged by audited samples: start one for a cohort, read the devices'
+    /// reports and the rule's verdict, promote it to the whole group or roll it back.
+    Rollout {
+        #[command(subcommand)]
+        action: Box<RolloutAction>,
+    },
     /// A live table of the devices heard on the broker: online, configuration version, models,
     /// p99, offload share, last seen, the last update's outcome.
     Status {
@@ -97,6 +103,103 @@ enum FleetAction {
         /// With --once: the devices as JSON.
         #[arg(long, requires = "once")]
         json: bool,
+    },
+}
+
+/// Where the broker is and which group's rollout.
+#[derive(Debug, clap::Args)]
+struct RolloutWhere {
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    #[arg(long, default_value = "tether")]
+    prefix: String,
+    /// The devices' group: the rollout goes to {prefix}/fleet/{group}/rollout.
+    #[arg(long)]
+    group: String,
+    /// How long to listen for the retained document and the devices' reports.
+    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+    listen: f64,
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutAction {
+    /// Start a rollout: the cohort shadows the candidate (or, with --serve, answers with it)
+    /// while every device of the group audits its answers against the relay's model.
+    Start {
+        #[command(flatten)]
+        at: RolloutWhere,
+        /// The model to replace.
+        #[arg(long)]
+        model: String,
+        /// The candidate's version: a candidate in the zoo's MANIFEST.toml, or any version
+        /// with --file.
+        #[arg(long)]
+        version: String,
+        /// The candidate's file (its sha256 and size are read from it); default: the zoo's.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Where devices download it; default: the relay's artifact URL under --relay.
+        #[arg(long, conflicts_with = "relay")]
+        url: Option<String>,
+        /// The relay that serves the zoo's candidates: {relay}/v2/models/{model}/versions/{version}/artifact.
+        #[arg(long)]
+        relay: Option<String>,
+        /// The cohort: this share of the group's devices, by a stable hash of the device id.
+        #[arg(long, default_value_t = 0.1, conflicts_with = "cohort_group")]
+        share: f64,
+        /// The cohort: the devices that list this group in fleet.groups.
+        #[arg(long)]
+        cohort_group: Option<String>,
+        /// The cohort answers with the candidate (a canary) instead of shadowing it.
+        #[arg(long)]
+        serve: bool,
+        /// The share of requests the cohort shadows the candidate on.
+        #[arg(long, default_value_t = 1.0)]
+        shadow_share: f64,
+        /// Audited samples each version needs before the rule decides.
+        #[arg(long, default_value_t = 200)]
+        min_samples: u64,
+        /// How far below the serving version's agreement with the cloud the candidate's may be
+        /// and still be promoted (0.02: two points).
+        #[arg(long, default_value_t = 0.02)]
+        margin: f64,
+        /// The rollout's id (default: MODEL-VERSION).
+        #[arg(long)]
+        id: Option<String>,
+        /// The private key that signs the document.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// What the devices report about the rollout in force and what the rule says. With --wait,
+    /// until the rule decides; with --apply, then pushes the promotion or the rollback.
+    Status {
+        #[command(flatten)]
+        at: RolloutWhere,
+        /// Keep reading the reports until the rule decides, at most this long.
+        #[arg(long, value_name = "SECS")]
+        wait: Option<f64>,
+        /// Push what the rule decided (needs --key).
+        #[arg(long, requires = "key")]
+        apply: bool,
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Print the standing as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Promote the candidate: every device of the group serves it.
+    Promote {
+        #[command(flatten)]
+        at: RolloutWhere,
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Roll the candidate back: no device runs it.
+    Abort {
+        #[command(flatten)]
+        at: RolloutWhere,
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
     },
 }
 
@@ -275,7 +378,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seconds,
             workers,
         } => bench_mqtt(models, broker, &model, &concurrency, seconds, workers),
-        Command::Fleet { action } => fleet_command(action),
+        Command::Fleet { action } => fleet_command(action, models),
         Command::PackageAssets { out } => {
             for path in tools::package::write_assets(&out)? {
                 print_stdout(&path.display().to_string())?;
@@ -490,7 +593,7 @@ fn broker_addr(broker: &str) -> anyhow::Result<std::net::SocketAddr> {
         .with_context(|| format!("cannot resolve {host}"))
 }
 
-fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
+fn fleet_command(action: FleetAction, models: Option<PathBuf>) -> anyhow::Result<()> {
     use agent::fleet::{doc::Document, envelope::SigningKey};
     use tools::operator;
     let sign =
@@ -506,6 +609,7 @@ fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
             anyhow::Ok(serde_json::to_string_pretty(&key.sign(text))?)
         };
     match action {
+        FleetAction::Rollout { action } => rollout_command(*action, models, &sign),
         FleetAction::Keygen { name, out, force } => {
             let private = out.join(format!("{name}.key"));
             let public = out.join(format!("{name}.pub"));
@@ -661,6 +765,221 @@ fn fleet_command(action: FleetAction) -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+    }
+}
+
+/// Signs a document: (key file, key name, text, target) to an envelope.
+type Signer<'a> =
+    dyn Fn(&std::path::Path, Option<String>, String, Option<&str>) -> anyhow::Result<String> + 'a;
+
+fn rollout_command(
+    action: RolloutAction,
+    models: Option<PathBuf>,
+    sign: &Signer<'_>,
+) -> anyhow::Result<()> {
+    use agent::rollout::{Cohort, Rollout, RolloutState, Rule};
+    use tools::rollout::{self as ro, Verdict};
+    let gather = |at: &RolloutWhere| -> anyhow::Result<ro::Heard> {
+        if !(at.listen.is_finite() && (0.1..=600.0).contains(&at.listen)) {
+            bail!("--listen must be 0.1 to 600 seconds, not {}", at.listen);
+        }
+        let addr = broker_addr(&at.broker)?;
+        current_thread()?
+            .block_on(ro::gather(
+                addr,
+                &at.prefix,
+                &at.group,
+                Duration::from_secs_f64(at.listen),
+            ))
+            .map_err(anyhow::Error::msg)
+    };
+    let push = |at: &RolloutWhere, key: &std::path::Path, version: u64, r: &Rollout| {
+        let text = ro::document(&at.group, version, r).map_err(anyhow::Error::msg)?;
+        let target = format!("rollout/{}", at.group);
+        let envelope = sign(key, None, text, Some(&target))?;
+        let topic = agent::fleet::doc::DocTopics::rollout(&at.prefix, &at.group);
+        let addr = broker_addr(&at.broker)?;
+        current_thread()?
+            .block_on(tools::operator::push(
+                addr,
+                &topic,
+                envelope.into_bytes(),
+                None,
+            ))
+            .map_err(anyhow::Error::msg)?;
+        eprintln!(
+            "Published rollout {} ({}) as version {version} on {topic} (retained).",
+            r.id,
+            r.state.as_str()
+        );
+        anyhow::Ok(())
+    };
+    let current = |at: &RolloutWhere| -> anyhow::Result<(u64, Rollout, ro::Heard)> {
+        let heard = gather(at)?;
+        let Some((version, r)) = heard.current.clone() else {
+            bail!(
+                "no rollout document is retained for group {} on {}: start one with `tether fleet rollout start`",
+                at.group,
+                at.broker
+            );
+        };
+        Ok((version, r, heard))
+    };
+    match action {
+        RolloutAction::Start {
+            at,
+            model,
+            version,
+            file,
+            url,
+            relay,
+            share,
+            cohort_group,
+            serve,
+            shadow_share,
+            min_samples,
+            margin,
+            id,
+            key,
+        } => {
+            let (sha256, bytes) = match &file {
+                Some(f) => {
+                    let data =
+                        std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+                    (
+                        models::manifest::sha256_hex(&data),
+                        u64::try_from(data.len())?,
+                    )
+                }
+                None => {
+                    let manifest = Manifest::load(agent::models_dir(models))?;
+                    let c = manifest.candidate(&model, &version).with_context(|| {
+                        format!(
+                            "the zoo has no candidate {version} of `{model}` ({}); pass --file",
+                            manifest
+                                .candidates()
+                                .iter()
+                                .map(|c| format!("{} {}", c.model, c.version))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    })?;
+                    (c.sha256.clone(), c.bytes)
+                }
+            };
+            let url = match (url, relay) {
+                (Some(u), _) => u,
+                (None, Some(r)) => format!(
+                    "{}/v2/models/{model}/versions/{version}/artifact",
+                    r.trim_end_matches('/')
+                ),
+                (None, None) => bail!("say where devices download the candidate: --url or --relay"),
+            };
+            let cohort = match cohort_group {
+                Some(group) => Cohort::Group { group },
+                None => Cohort::Share { share },
+            };
+            let rollout = Rollout::parse(&serde_json::json!({
+                "id": id.unwrap_or_else(|| format!("{model}-{version}")),
+                "model": model,
+                "candidate": {"version": version, "sha256": sha256, "url": url, "bytes": bytes},
+                "cohort": cohort,
+                "serve": serve,
+                "shadow_share": shadow_share,
+                "state": "running",
+                "rule": Rule { min_samples, margin },
+            }))
+            .map_err(anyhow::Error::msg)?;
+            let heard = gather(&at)?;
+            if let Some((_, r)) = &heard.current
+                && r.state == RolloutState::Running
+            {
+                bail!(
+                    "rollout {} is still running in group {}: promote or abort it first",
+                    r.id,
+                    at.group
+                );
+            }
+            let next = heard.current.map_or(1, |(v, _)| v + 1);
+            push(&at, &key, next, &rollout)
+        }
+        RolloutAction::Status {
+            at,
+            wait,
+            apply,
+            key,
+            json,
+        } => {
+            let until = match wait {
+                Some(w) if w.is_finite() && (0.0..=86_400.0).contains(&w) => {
+                    Some(std::time::Instant::now() + Duration::from_secs_f64(w))
+                }
+                Some(w) => bail!("--wait must be 0 to 86400 seconds, not {w}"),
+                None => None,
+            };
+            let (version, rollout, standing) = loop {
+                let (version, rollout, heard) = current(&at)?;
+                let standing = ro::standing(&at.group, version, &rollout, &heard.reports);
+                let waiting = matches!(standing.verdict, Verdict::Pending { .. })
+                    && rollout.state == RolloutState::Running
+                    && until.is_some_and(|u| std::time::Instant::now() < u);
+                if !waiting {
+                    break (version, rollout, standing);
+                }
+                eprintln!(
+                    "waiting: {} audited samples of {}, {} of {} (each needs {})",
+                    standing.serving.audited,
+                    standing.serving_version.as_deref().unwrap_or("?"),
+                    standing.candidate.audited,
+                    rollout.candidate_version(),
+                    rollout.rule.min_samples
+                );
+            };
+            if json {
+                print_stdout(&serde_json::to_string_pretty(&standing)?)?;
+            } else {
+                print_stdout(ro::render(&standing).trim_end())?;
+            }
+            if apply && rollout.state == RolloutState::Running {
+                let key = key.context("--apply needs --key")?;
+                match standing.verdict {
+                    Verdict::Promote => push(
+                        &at,
+                        &key,
+                        version + 1,
+                        &ro::with_state(&rollout, RolloutState::Promoted),
+                    )?,
+                    Verdict::RollBack => push(
+                        &at,
+                        &key,
+                        version + 1,
+                        &ro::with_state(&rollout, RolloutState::RolledBack),
+                    )?,
+                    Verdict::Pending { .. } => {
+                        bail!("the rule has not decided yet: nothing pushed")
+                    }
+                }
+            }
+            Ok(())
+        }
+        RolloutAction::Promote { at, key } => {
+            let (version, rollout, _) = current(&at)?;
+            push(
+                &at,
+                &key,
+                version + 1,
+                &ro::with_state(&rollout, RolloutState::Promoted),
+            )
+        }
+        RolloutAction::Abort { at, key } => {
+            let (version, rollout, _) = current(&at)?;
+            push(
+                &at,
+                &key,
+                version + 1,
+                &ro::with_state(&rollout, RolloutState::RolledBack),
+            )
         }
     }
 }

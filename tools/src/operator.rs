@@ -30,6 +30,12 @@ pub struct DeviceRow {
     pub last_seen_ms: Option<i64>,
     /// The outcome of the latest fleet document: `applied device@7`, `rejected …`.
     pub last_update: Option<String>,
+    /// The rollouts the device takes part in: `digits-1.1.0 running shadow` (its role:
+    /// shadow, serve or none when it is outside the cohort).
+    pub rollouts: Vec<String>,
+    /// Per model version with audited samples: `digits@1.0.0 97.5 % (400)`, agreement with
+    /// the cloud model over that many audited samples.
+    pub agreement: Vec<String>,
 }
 
 /// Every device heard from.
@@ -54,6 +60,7 @@ impl Board {
             format!("{p}/+/status"),
             format!("{p}/+/config/status"),
             format!("{p}/+/telemetry"),
+            format!("{p}/+/quality"),
         ]
     }
 
@@ -138,6 +145,44 @@ impl Board {
                 }
                 seen(row, v.get("ts_ms").and_then(Value::as_i64));
             }
+            "quality" => {
+                row.rollouts = v
+                    .get("rollouts")
+                    .and_then(Value::as_array)
+                    .map(|rs| {
+                        rs.iter()
+                            .filter_map(|r| {
+                                Some(format!(
+                                    "{} {} {}",
+                                    r.get("id")?.as_str()?,
+                                    r.get("state")?.as_str()?,
+                                    r.get("role")?.as_str()?
+                                ))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                row.agreement.clear();
+                if let Some(models) = v.get("models").and_then(Value::as_object) {
+                    for (name, m) in models {
+                        let Some(versions) = m.get("versions").and_then(Value::as_object) else {
+                            continue;
+                        };
+                        for (version, t) in versions {
+                            let audited = t.get("audited").and_then(Value::as_u64).unwrap_or(0);
+                            if let Some(a) = t.get("agreement").and_then(Value::as_f64)
+                                && audited > 0
+                            {
+                                row.agreement.push(format!(
+                                    "{name}@{version} {:.1} % ({audited})",
+                                    a * 100.0
+                                ));
+                            }
+                        }
+                    }
+                }
+                seen(row, v.get("ts_ms").and_then(Value::as_i64));
+            }
             _ => {}
         }
     }
@@ -153,9 +198,11 @@ impl Board {
             "OFFLOAD",
             "LAST SEEN",
             "LAST UPDATE",
+            "ROLLOUT",
+            "AGREEMENT WITH CLOUD",
         ];
         let dash = || "-".to_owned();
-        let rows: Vec<[String; 8]> = self
+        let rows: Vec<[String; 10]> = self
             .devices
             .values()
             .map(|d| {
@@ -179,6 +226,16 @@ impl Board {
                         format!("{} s ago", ((now_ms - t).max(0) as f64 / 1e3).round())
                     }),
                     d.last_update.clone().unwrap_or_else(dash),
+                    if d.rollouts.is_empty() {
+                        dash()
+                    } else {
+                        d.rollouts.join(", ")
+                    },
+                    if d.agreement.is_empty() {
+                        dash()
+                    } else {
+                        d.agreement.join(", ")
+                    },
                 ]
             })
             .collect();
@@ -396,6 +453,16 @@ mod tests {
             .to_string()
             .as_bytes(),
         );
+        b.ingest(
+            "tether/pi-1/quality",
+            json!({"device_id": "pi-1", "ts_ms": 4000,
+                   "models": {"digits": {"serving": "1.0.0", "versions": {
+                       "1.0.0": {"audited": 400, "agreement": 0.975},
+                       "1.1.0": {"audited": 0, "agreement": null}}}},
+                   "rollouts": [{"id": "digits-1.1.0", "state": "running", "role": "shadow"}]})
+            .to_string()
+            .as_bytes(),
+        );
         b.ingest("tether/pi-2/status", br#"{"online": false, "models": []}"#);
         b.ingest("tether/fleet/lab/config", b"{}");
         b.ingest("tether/pi-3/telemetry", b"not json");
@@ -407,6 +474,8 @@ mod tests {
         assert_eq!(r.p99_ms, Some(9.25));
         assert_eq!(r.offload_share, Some(0.25));
         assert_eq!(r.last_seen_ms, Some(5000));
+        assert_eq!(r.rollouts, vec!["digits-1.1.0 running shadow"]);
+        assert_eq!(r.agreement, vec!["digits@1.0.0 97.5 % (400)"]);
         assert_eq!(
             r.last_update.as_deref(),
             Some("rejected device@4 (bad_signature)")
