@@ -53,6 +53,15 @@ def configs(a):
                             what="tether-agent run, store.synchronous = \"full\" (WAL synced per commit)"),
         "tether1": dict(cmd=tether + ["--workers", "1"], prefix="tether/dev1", procs=1,
                         what="tether-agent run, 1 inference worker, result cache off"),
+        "tether-observe": dict(cmd=tether + ["--observe", "0.05:0.5"], prefix="tether/dev1", procs=1,
+                               what="tether-agent run, audit_rate 0.05 (default audit_max_per_s 5) and the candidate "
+                                    "1.2.0 shadowed on 50 % of requests, a tether-relay answering the audits"),
+        "tether-relay": dict(cmd=tether + ["--observe", "0:0"], prefix="tether/dev1", procs=1,
+                             what="tether-observe's set-up (a relay, fleet keys) with neither audits nor a shadow"),
+        "tether-audit": dict(cmd=tether + ["--observe", "0.05:0"], prefix="tether/dev1", procs=1,
+                             what="tether-observe's audits alone (audit_rate 0.05), no shadow"),
+        "tether-shadow": dict(cmd=tether + ["--observe", "0:0.5"], prefix="tether/dev1", procs=1,
+                              what="tether-observe's shadow alone (50 % of requests), no audits"),
         "tether-cache": dict(cmd=tether + ["--cache"], prefix="tether/dev1", procs=1,
                              what="tether-agent run, result cache on (the repeated input is a cache hit)"),
     }

@@ -17,6 +17,6 @@ fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check 'paho-mqtt==2.2.0' 'onnxruntime==1.32.0' 'numpy==2.4.6'
 mkdir -p target/bench-models
 cp models/zoo/digits.int8.onnx target/bench-models/digits.onnx
-echo "== release builds: tether-agent, loadgen, echo_worker (several minutes the first time)"
-cargo build --release -p agent -p loadgen
+echo "== release builds: tether-agent, loadgen, echo_worker, tether-relay and tether (for tether-observe; several minutes the first time)"
+cargo build --release -p agent -p loadgen -p cloud-relay -p tools
 echo "ready: bench/run.sh"

@@ -491,11 +491,8 @@ def write_split(out_dir, name, x, y):
 # --------------------------------------------------------------------------------------------
 
 
-def make_digits(out_dir):
-    # Each model draws from its own generator, so changing one never changes another.
-    rng = np.random.default_rng(SEED)
-    xtr, xte, ytr, yte = digits_data()
-    device = Net(
+def digits_device_net(rng):
+    return Net(
         [
             Conv(rng, (1, 8, 8), 8, 3, 1, 1),
             Relu(),
@@ -505,6 +502,13 @@ def make_digits(out_dir):
             Dense(rng, 16 * 4 * 4, 10),
         ]
     )
+
+
+def make_digits(out_dir):
+    # Each model draws from its own generator, so changing one never changes another.
+    rng = np.random.default_rng(SEED)
+    xtr, xte, ytr, yte = digits_data()
+    device = digits_device_net(rng)
     rng = np.random.default_rng(SEED)
     cloud = Net(
         [
@@ -524,19 +528,6 @@ def make_digits(out_dir):
     cloud.train(rng, xtr, ytr, epochs=100, lr=2e-3, augment=shift_augment)
     return finish_trained(
         out_dir, "digits", device, cloud, (1, 8, 8), xtr, xte, yte,
-    )
-
-
-def digits_device_net(rng):
-    return Net(
-        [
-            Conv(rng, (1, 8, 8), 8, 3, 1, 1),
-            Relu(),
-            Conv(rng, (8, 8, 8), 16, 3, 2, 1),
-            Relu(),
-            Flatten(),
-            Dense(rng, 16 * 4 * 4, 10),
-        ]
     )
 
 

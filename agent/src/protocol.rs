@@ -55,7 +55,14 @@ pub const MAX_TOPIC_BYTES: usize = 65_535;
 
 /// Second segments under the prefix that belong to the agents themselves: a reply is never
 /// published there (`{prefix}/{device}/config`, `.../status`, ...).
-const CONTROL_SEGMENTS: [&str; 5] = ["config", "status", "telemetry", "events", "infer"];
+const CONTROL_SEGMENTS: [&str; 6] = [
+    "config",
+    "status",
+    "telemetry",
+    "quality",
+    "events",
+    "infer",
+];
 
 /// The topics of one device, and the rules its reply topics follow.
 #[derive(Debug, Clone)]
@@ -395,6 +402,14 @@ mod tests {
             (
                 "tether/pi-2/telemetry",
                 Err(TopicRefusal::AgentTopic("telemetry")),
+            ),
+            (
+                "tether/pi-2/quality",
+                Err(TopicRefusal::AgentTopic("quality")),
+            ),
+            (
+                "tether/fleet/lab/rollout",
+                Err(TopicRefusal::AgentTopic("fleet")),
             ),
             (
                 "tether/pi-1/events/pump",

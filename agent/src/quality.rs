@@ -41,6 +41,9 @@ pub struct Conditions {
     /// The relay's circuit is closed (or half-open).
     pub relay_up: bool,
     pub audits_in_flight: usize,
+    /// Requests wait for the front stage or a worker, or every worker is running one: a shadow
+    /// run takes only idle time, so none runs then.
+    pub busy: bool,
 }
 
 /// Why a chosen audit or shadow run did not happen.
@@ -90,8 +93,9 @@ pub fn relay_up(relay: Relay) -> bool {
 
 /// Decides, from two uniform draws in [0, 1), whether a local answer is audited and whether
 /// the shadow runs on it. An audited answer is also shadowed when a shadow is configured, so
-/// the candidate and the serving model are judged on the same samples. Takes a token from
-/// `bucket` only for an audit that will run.
+/// the candidate and the serving model are judged on the same samples. A shadow run waits for
+/// idle time: none while requests wait for a worker (`busy`). Takes a token from `bucket` only
+/// for an audit that will run.
 pub fn choose(
     rates: Rates,
     c: Conditions,
@@ -121,9 +125,17 @@ pub fn choose(
     } else {
         (true, None)
     };
+    let shadow = want_shadow || (audit && rates.shadow > 0.0);
+    if shadow && c.busy {
+        return Choice {
+            audit,
+            shadow: false,
+            skipped: skipped.or(Some(Skip::Busy)),
+        };
+    }
     Choice {
         audit,
-        shadow: want_shadow || (audit && rates.shadow > 0.0),
+        shadow,
         skipped,
     }
 }
@@ -423,7 +435,9 @@ mod tests {
             over_limits: false,
             relay_up: true,
             audits_in_flight: 0,
+            busy: false,
         };
+        let queued = Conditions { busy: true, ..ok };
         let over = Conditions {
             over_limits: true,
             ..ok
@@ -481,6 +495,10 @@ mod tests {
                 c(false, true, Some(Skip::RelayDown)),
             ),
             (both, busy, (0.01, 0.9), c(false, false, Some(Skip::Busy))),
+            // Requests waiting: audits go on, shadow runs wait for idle time.
+            (both, queued, (0.01, 0.9), c(true, false, Some(Skip::Busy))),
+            (both, queued, (0.9, 0.1), c(false, false, Some(Skip::Busy))),
+            (audit_only, queued, (0.01, 0.0), c(true, false, None)),
             (
                 Rates {
                     audit: 0.0,
@@ -519,6 +537,7 @@ mod tests {
             over_limits: false,
             relay_up: true,
             audits_in_flight: 0,
+            busy: false,
         };
         let rates = Rates {
             audit: 1.0,
@@ -678,5 +697,49 @@ mod tests {
         let v2 = s[&("digits".to_owned(), "2".to_owned())];
         assert_eq!((v2.compared, v2.agree_serving, v2.audited), (1, 1, 0));
         assert_eq!(v2.agreement(), None);
+    }
+
+    #[test]
+    fn the_report_names_serving_shadow_versions_and_rollouts() {
+        let q = Quality::default();
+        q.audited("digits", "1.0.0", true);
+        q.audited("digits", "1.2.0", false);
+        q.compared("digits", "1.2.0", true);
+        q.counters.skipped(Skip::RateLimited);
+        let tallies = q.snapshot();
+        let rollouts = vec![RolloutView {
+            id: "digits-1.2.0".into(),
+            group: "lab".into(),
+            version: 2,
+            model: "digits".into(),
+            candidate_version: "1.2.0".into(),
+            state: crate::rollout::RolloutState::Running,
+            in_cohort: true,
+            role: "shadow",
+        }];
+        let r = report(&ReportInputs {
+            device_id: "pi-7",
+            ts_ms: 5,
+            config_version: Some("rollout/lab@2"),
+            serving: vec![
+                ("digits".into(), "1.0.0".into(), 0.05),
+                ("vad".into(), "6".into(), 0.0),
+            ],
+            shadows: vec![("digits".into(), "1.2.0".into(), 0.5)],
+            rollouts: &rollouts,
+            tallies: &tallies,
+            counters: &q.counters,
+        });
+        let d = &r["models"]["digits"];
+        assert_eq!(d["serving"], "1.0.0");
+        assert_eq!(d["audit_rate"], 0.05);
+        assert_eq!(d["shadow"]["version"], "1.2.0");
+        assert_eq!(d["versions"]["1.0.0"]["agreement"], 1.0);
+        assert_eq!(d["versions"]["1.2.0"]["agreement"], 0.0);
+        assert_eq!(d["versions"]["1.2.0"]["agree_serving"], 1);
+        assert!(r["models"]["vad"]["versions"].is_null());
+        assert_eq!(r["rollouts"][0]["role"], "shadow");
+        assert_eq!(r["rollouts"][0]["state"], "running");
+        assert_eq!(r["counters"]["skipped"]["rate_limited"], 1);
     }
 }

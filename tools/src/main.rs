@@ -826,6 +826,7 @@ fn rollout_command(
         };
         Ok((version, r, heard))
     };
+    let promote = matches!(action, RolloutAction::Promote { .. });
     match action {
         RolloutAction::Start {
             at,
@@ -943,43 +944,25 @@ fn rollout_command(
             }
             if apply && rollout.state == RolloutState::Running {
                 let key = key.context("--apply needs --key")?;
-                match standing.verdict {
-                    Verdict::Promote => push(
-                        &at,
-                        &key,
-                        version + 1,
-                        &ro::with_state(&rollout, RolloutState::Promoted),
-                    )?,
-                    Verdict::RollBack => push(
-                        &at,
-                        &key,
-                        version + 1,
-                        &ro::with_state(&rollout, RolloutState::RolledBack),
-                    )?,
+                let state = match standing.verdict {
+                    Verdict::Promote => RolloutState::Promoted,
+                    Verdict::RollBack => RolloutState::RolledBack,
                     Verdict::Pending { .. } => {
                         bail!("the rule has not decided yet: nothing pushed")
                     }
-                }
+                };
+                push(&at, &key, version + 1, &ro::with_state(&rollout, state))?;
             }
             Ok(())
         }
-        RolloutAction::Promote { at, key } => {
+        RolloutAction::Promote { at, key } | RolloutAction::Abort { at, key } => {
+            let state = if promote {
+                RolloutState::Promoted
+            } else {
+                RolloutState::RolledBack
+            };
             let (version, rollout, _) = current(&at)?;
-            push(
-                &at,
-                &key,
-                version + 1,
-                &ro::with_state(&rollout, RolloutState::Promoted),
-            )
-        }
-        RolloutAction::Abort { at, key } => {
-            let (version, rollout, _) = current(&at)?;
-            push(
-                &at,
-                &key,
-                version + 1,
-                &ro::with_state(&rollout, RolloutState::RolledBack),
-            )
+            push(&at, &key, version + 1, &ro::with_state(&rollout, state))
         }
     }
 }

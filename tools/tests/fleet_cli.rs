@@ -5,6 +5,7 @@
 
 #[path = "../../agent/tests/common/mod.rs"]
 mod common;
+mod operator;
 
 use std::time::Duration;
 
@@ -12,37 +13,12 @@ use agent::config::RawConfig;
 use common::{Requester, TestAgent, scratch_dir};
 use serde_json::Value;
 
-/// Runs the operator CLI.
-fn cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(args)
-        .output()
-        .expect("tether runs")
-}
+use operator::cli;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_operator_cli_signs_pushes_and_shows_two_agents() {
     let keys = scratch_dir("fleet-cli");
-    let out = cli(&[
-        "fleet",
-        "keygen",
-        "--name",
-        "ops",
-        "--out",
-        keys.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let printed = String::from_utf8(out.stdout).unwrap();
-    let public = printed
-        .lines()
-        .find_map(|l| l.strip_prefix("ops = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .expect("the [fleet.keys] line")
-        .to_owned();
+    let (public, _) = operator::keygen(&keys);
     let trust = move |raw: &mut RawConfig| {
         raw.fleet.keys.insert("ops".into(), public.clone());
         raw.fleet.telemetry_interval_secs = 1;

@@ -8,6 +8,7 @@
 
 #[path = "../../agent/tests/common/mod.rs"]
 mod common;
+mod operator;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,24 +17,8 @@ use std::time::{Duration, Instant};
 
 use agent::config::RawConfig;
 use common::{Requester, TestAgent, scratch_dir};
+use operator::{cli, ok};
 use serde_json::{Value, json};
-
-fn cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(args)
-        .output()
-        .expect("tether runs")
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "tether failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
 
 /// Digits requests from the test split, uncached (a cached answer is not a local run).
 fn payloads() -> Vec<Vec<u8>> {
@@ -108,6 +93,64 @@ impl Load {
     }
 }
 
+/// Where the rollouts go: the broker, the relay serving the candidates, the zoo, the key.
+struct Fleet {
+    broker: String,
+    relay: String,
+    zoo: String,
+    key: String,
+}
+
+impl Fleet {
+    /// `tether fleet rollout start` of the zoo's candidate `version` of digits, with `cohort`'s
+    /// flags, 300 audited samples a side and a margin of 3 points.
+    fn start(&self, version: &str, cohort: &[&str]) {
+        let mut args = vec![
+            "--models",
+            &self.zoo,
+            "fleet",
+            "rollout",
+            "start",
+            "--broker",
+            &self.broker,
+            "--group",
+            "lab",
+            "--model",
+            "digits",
+            "--version",
+            version,
+            "--relay",
+            &self.relay,
+            "--min-samples",
+            "300",
+            "--margin",
+            "0.03",
+            "--key",
+            &self.key,
+        ];
+        args.extend_from_slice(cohort);
+        ok(&cli(&args));
+    }
+
+    /// `status --wait --apply` while `load` runs: the standing it decided on, printed with
+    /// the time it took and the requests answered meanwhile.
+    async fn decide(&self, load: &Load, what: &str) -> Value {
+        let before = load.answered.load(Ordering::Relaxed);
+        let (standing, took) = decide(&self.broker, &self.key).await;
+        let answered = load.answered.load(Ordering::Relaxed) - before;
+        eprintln!(
+            "{what}: {} in {:.1} s over {answered} requests: serving {} ({}), candidate {} ({})",
+            standing["verdict"]["verdict"],
+            took.as_secs_f64(),
+            standing["serving"]["audited"],
+            standing["serving"]["agree"],
+            standing["candidate"]["audited"],
+            standing["candidate"]["agree"]
+        );
+        standing
+    }
+}
+
 /// Runs `tether fleet rollout status --wait --apply --json` off the runtime; returns the
 /// standing it decided on and how long it took.
 async fn decide(broker: &str, key: &str) -> (Value, Duration) {
@@ -148,22 +191,8 @@ async fn reports_show(addr: SocketAddr, devices: &[&str], check: impl Fn(&Value)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worse_candidate_is_rolled_back_and_a_better_one_promoted_on_audits_alone() {
     let (relay, _relay_stop) = common::relay().await;
-    let keys = scratch_dir("rollout-keys");
-    let printed = ok(&cli(&[
-        "fleet",
-        "keygen",
-        "--name",
-        "ops",
-        "--out",
-        keys.to_str().unwrap(),
-    ]));
-    let public = printed
-        .lines()
-        .find_map(|l| l.strip_prefix("ops = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .unwrap()
-        .to_owned();
-    let key = keys.join("ops.key").to_str().unwrap().to_owned();
+    let (public, key) = operator::keygen(&scratch_dir("rollout-keys"));
+    let key = key.to_str().unwrap().to_owned();
     let relay_url = format!("http://{relay}");
     let configure = move |raw: &mut RawConfig, groups: &[&str]| {
         raw.fleet.keys.insert("ops".into(), public.clone());
@@ -199,37 +228,17 @@ async fn a_worse_candidate_is_rolled_back_and_a_better_one_promoted_on_audits_al
         );
     }
     let devices = ["ro-a", "ro-b", "ro-c"];
-    let zoo = models::default_zoo_dir();
-    let zoo = zoo.to_str().unwrap();
+
+    let fleet = Fleet {
+        broker: broker.clone(),
+        relay: format!("http://{relay}"),
+        zoo: models::default_zoo_dir().to_str().unwrap().to_owned(),
+        key: key.clone(),
+    };
     let load = Load::start(addr, &devices).await;
 
     // 1. The worse candidate (trained on corrupted labels), shadowed by the canary group.
-    let out = ok(&cli(&[
-        "--models",
-        zoo,
-        "fleet",
-        "rollout",
-        "start",
-        "--broker",
-        &broker,
-        "--group",
-        "lab",
-        "--model",
-        "digits",
-        "--version",
-        "1.1.0",
-        "--relay",
-        &format!("http://{relay}"),
-        "--cohort-group",
-        "canary",
-        "--min-samples",
-        "300",
-        "--margin",
-        "0.03",
-        "--key",
-        &key,
-    ]));
-    let _ = out;
+    fleet.start("1.1.0", &["--cohort-group", "canary"]);
     reports_show(addr, &devices, |r| {
         let role = r["rollouts"][0]["role"].as_str().unwrap_or("");
         let want = if r["device_id"] == "ro-a" {
@@ -240,19 +249,14 @@ async fn a_worse_candidate_is_rolled_back_and_a_better_one_promoted_on_audits_al
         role == want && r["rollouts"][0]["id"] == "digits-1.1.0"
     })
     .await;
-    let before = load.answered.load(Ordering::Relaxed);
-    let (standing, took) = decide(&broker, &key).await;
-    let answered = load.answered.load(Ordering::Relaxed) - before;
-    eprintln!(
-        "1.1.0: {} in {:.1} s over {answered} requests: serving {} ({}), candidate {} ({})",
-        standing["verdict"]["verdict"],
-        took.as_secs_f64(),
-        standing["serving"]["audited"],
-        standing["serving"]["agree"],
-        standing["candidate"]["audited"],
-        standing["candidate"]["agree"]
-    );
+    let standing = fleet.decide(&load, "1.1.0").await;
     assert_eq!(standing["verdict"]["verdict"], "roll_back", "{standing:#}");
+    // What an operator reads (the document is rolled back by now; the counts are the ones decided on).
+    let text = ok(&cli(&[
+        "fleet", "rollout", "status", "--broker", &broker, "--group", "lab", "--listen", "1",
+    ]));
+    eprintln!("{text}");
+    assert!(text.contains("Verdict: roll back 1.1.0"), "{text}");
     assert!(standing["candidate"]["audited"].as_u64().unwrap() >= 300);
     assert!(standing["serving"]["audited"].as_u64().unwrap() >= 300);
     // The rollback reaches the cohort: nobody shadows 1.1.0 any more.
@@ -272,43 +276,8 @@ async fn a_worse_candidate_is_rolled_back_and_a_better_one_promoted_on_audits_al
     let lo = points.iter().copied().fold(f64::MAX, f64::min);
     let hi = points.iter().copied().fold(f64::MIN, f64::max);
     let share = format!("{}", (lo + hi) / 2.0);
-    ok(&cli(&[
-        "--models",
-        zoo,
-        "fleet",
-        "rollout",
-        "start",
-        "--broker",
-        &broker,
-        "--group",
-        "lab",
-        "--model",
-        "digits",
-        "--version",
-        "1.2.0",
-        "--relay",
-        &format!("http://{relay}"),
-        "--share",
-        &share,
-        "--min-samples",
-        "300",
-        "--margin",
-        "0.03",
-        "--key",
-        &key,
-    ]));
-    let before = load.answered.load(Ordering::Relaxed);
-    let (standing, took) = decide(&broker, &key).await;
-    let answered = load.answered.load(Ordering::Relaxed) - before;
-    eprintln!(
-        "1.2.0: {} in {:.1} s over {answered} requests: serving {} ({}), candidate {} ({})",
-        standing["verdict"]["verdict"],
-        took.as_secs_f64(),
-        standing["serving"]["audited"],
-        standing["serving"]["agree"],
-        standing["candidate"]["audited"],
-        standing["candidate"]["agree"]
-    );
+    fleet.start("1.2.0", &["--share", &share]);
+    let standing = fleet.decide(&load, "1.2.0").await;
     assert_eq!(standing["verdict"]["verdict"], "promote", "{standing:#}");
     let cohort: Vec<bool> = standing["devices"]
         .as_array()
@@ -337,6 +306,13 @@ async fn a_worse_candidate_is_rolled_back_and_a_better_one_promoted_on_audits_al
     let table = ok(&cli(&[
         "fleet", "status", "--broker", &broker, "--once", "2",
     ]));
+    eprintln!("{table}");
+    let mut reports = common::subscribe(addr, "tether/ro-a/quality").await;
+    let report = tokio::time::timeout(Duration::from_secs(10), reports.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    eprintln!("{}", report.body);
     assert!(table.contains("digits-1.2.0 promoted serve"), "{table}");
     assert!(table.contains("digits@1.0.0"), "{table}");
 

@@ -288,31 +288,13 @@ pub struct ModelUpdate {
 
 /// A candidate run in the shadow of the serving model: after the reply, on `share` of the
 /// local requests, its answer compared with the serving model's (and the cloud's, when the
-/// request is audited). Downloaded and verified like any model.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// request is audited). Written as a model entry with `share`; downloaded and verified like
+/// any model.
+#[derive(Debug, Clone)]
 pub struct ShadowUpdate {
-    pub version: String,
-    pub sha256: String,
-    pub url: String,
-    pub bytes: u64,
-    #[serde(default)]
-    pub spec: Option<ModelSpec>,
+    pub model: ModelUpdate,
     /// The share of local requests it runs on, above 0 and at most 1.
     pub share: f64,
-}
-
-impl ShadowUpdate {
-    /// The file to fetch, as a model update.
-    pub fn model(&self) -> ModelUpdate {
-        ModelUpdate {
-            version: self.version.clone(),
-            sha256: self.sha256.clone(),
-            url: self.url.clone(),
-            bytes: self.bytes,
-            spec: self.spec.clone(),
-        }
-    }
 }
 
 /// Everything the documents in force ask for, validated.
@@ -468,25 +450,21 @@ pub fn desired(
             && let Some(shadow) = m.remove("shadow")
         {
             let field = format!("models.{name}.shadow");
-            match serde_json::from_value::<ShadowUpdate>(shadow) {
-                Ok(u) => {
-                    if !(u.share > 0.0 && u.share <= 1.0) {
-                        errors.push(format!(
-                            "{field}.share is {}; use a share of requests above 0 and at most 1",
-                            u.share
-                        ));
-                    }
-                    check_update(
-                        &name,
-                        &field,
-                        &u.model(),
-                        zoo,
-                        base.fleet.allow_http,
-                        &mut errors,
-                    );
-                    shadows.insert(name.clone(), u);
+            let mut shadow = shadow;
+            let share = shadow
+                .as_object_mut()
+                .and_then(|o| o.remove("share"))
+                .and_then(|v| v.as_f64())
+                .filter(|s| *s > 0.0 && *s <= 1.0);
+            match (serde_json::from_value::<ModelUpdate>(shadow), share) {
+                (Ok(model), Some(share)) => {
+                    check_update(&name, &field, &model, zoo, base.fleet.allow_http, &mut errors);
+                    shadows.insert(name.clone(), ShadowUpdate { model, share });
                 }
-                Err(e) => errors.push(format!("{field}: {e}")),
+                (Err(e), _) => errors.push(format!("{field}: {e}")),
+                (Ok(_), None) => errors.push(format!(
+                    "{field}.share must be the share of requests the shadow runs on, above 0 and at most 1"
+                )),
             }
             if m.is_empty() {
                 // Only a shadow: the serving model in force stays.
@@ -900,7 +878,7 @@ mod tests {
                 "{label}"
             );
             assert_eq!(
-                d.shadows.get("digits").map(|s| s.version.as_str()),
+                d.shadows.get("digits").map(|s| s.model.version.as_str()),
                 want_shadow,
                 "{label}"
             );
@@ -916,7 +894,7 @@ mod tests {
         let r = rollout_doc(rollout(json!({"share": 1.0}), "running", false), 1);
         let d = desired(&base(), "pi-1", &[&r], &zoo()).unwrap();
         assert!(!d.models.contains_key("digits"), "{:?}", d.models);
-        assert_eq!(d.shadows["digits"].version, "2.0.0");
+        assert_eq!(d.shadows["digits"].model.version, "2.0.0");
     }
 
     #[test]

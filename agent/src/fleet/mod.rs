@@ -321,7 +321,7 @@ impl Fleet {
         }
         let mut shadows = BTreeMap::new();
         for (name, shadow) in &desired.shadows {
-            let model = self.model_for(name, &shadow.model(), &current).await?;
+            let model = self.model_for(name, &shadow.model, &current).await?;
             shadows.insert(
                 name.clone(),
                 crate::live::Shadow {

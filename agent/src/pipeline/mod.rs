@@ -406,6 +406,7 @@ impl Pipeline {
         let observer_stop = Arc::new(AtomicBool::new(false));
         let (observer, observer_stage) = observe::channel(
             QueueProbe(jobs_tx.downgrade()),
+            arrivals_tx.downgrade(),
             routing.quality.clone(),
             routing.cloud.clone(),
             routing.runtime.clone(),

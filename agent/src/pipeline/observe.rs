@@ -4,8 +4,9 @@
 //! the worker hands the request on (never blocking; a full queue drops it, counted) and goes
 //! back to its queue; shadow runs happen on the observer's own thread, audits on async tasks.
 //!
-//! What is chosen, and what is skipped when the device is over its limits, the relay is down or
-//! audits are over their rate, is [`crate::quality::choose`].
+//! What is chosen, and what is skipped when the device is over its limits, the relay is down,
+//! audits are over their rate or requests wait (a shadow run takes only idle time), is
+//! [`crate::quality::choose`].
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,7 +19,7 @@ use models::Tensor;
 use models::engine::LoadedModel;
 use models::v2::InferenceResponse;
 
-use super::{Job, QueueProbe, Shared};
+use super::{Arrival, Job, QueueProbe, Shared};
 use crate::cloud::Cloud;
 use crate::quality::{self, Conditions, Quality, Rates, TokenBucket, Top1};
 use crate::store::{AuditRecord, StoreHandle, now_ms};
@@ -29,6 +30,23 @@ const QUEUE: usize = 32;
 const MAX_OBSERVED_BYTES: usize = 1 << 20;
 /// How long an audit waits for the relay.
 const AUDIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Puts the calling thread at the lowest scheduling priority (nice 19): shadow runs take the
+/// CPU only when the request path leaves it idle. Linux sets nice per thread.
+#[allow(
+    unsafe_code,
+    reason = "one FFI call with no pointers to manage: setpriority on the calling thread"
+)]
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority takes plain integers; `who` 0 is the calling thread on Linux.
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+        if r != 0 {
+            tracing::debug!("The observer thread keeps its priority (setpriority failed).");
+        }
+    }
+}
 
 /// One audit counted in flight from its choice to its end, however it ends.
 struct InFlight(Arc<AtomicUsize>);
@@ -64,7 +82,9 @@ pub(super) struct Observer {
     tx: flume::Sender<Observation>,
     bucket: Mutex<TokenBucket>,
     in_flight: Arc<AtomicUsize>,
+    /// The local queue and the front stage's: what waits.
     queue: QueueProbe,
+    arrivals: flume::WeakSender<Arrival>,
 }
 
 impl std::fmt::Debug for Observation {
@@ -88,6 +108,7 @@ pub(super) struct Stage {
 /// Makes the observer's two sides.
 pub(super) fn channel(
     queue: QueueProbe,
+    arrivals: flume::WeakSender<Arrival>,
     quality: Arc<Quality>,
     cloud: Option<Cloud>,
     runtime: tokio::runtime::Handle,
@@ -101,6 +122,7 @@ pub(super) fn channel(
             bucket: Mutex::new(TokenBucket::new(0.0, 1.0)),
             in_flight: Arc::new(AtomicUsize::new(0)),
             queue,
+            arrivals,
         },
         Stage {
             rx,
@@ -126,11 +148,15 @@ pub(super) fn offer(shared: &Shared, job: Job, response: &InferenceResponse) {
     }
     let obs = &shared.observer;
     let quality = &shared.routing.quality;
-    let signals = shared.signals(&job.model, obs.queue.len(), false);
+    let queued = obs.queue.len();
+    let arriving = obs.arrivals.upgrade().map_or(0, |a| a.len());
+    let running = shared.routing.in_service.load(Ordering::Relaxed);
+    let signals = shared.signals(&job.model, queued, false);
     let conditions = Conditions {
         over_limits: quality::over_limits(&settings.policy.policy, &signals),
         relay_up: quality::relay_up(signals.relay),
         audits_in_flight: obs.in_flight.load(Ordering::Relaxed),
+        busy: queued + arriving > 0 || running >= shared.workers,
     };
     let choice = {
         let mut bucket = obs.bucket.lock().unwrap_or_else(|p| p.into_inner());
@@ -187,7 +213,10 @@ impl Stage {
     pub(super) fn spawn(self) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
             .name("observe".into())
-            .spawn(move || self.run())
+            .spawn(move || {
+                lower_priority();
+                self.run();
+            })
     }
 
     fn run(self) {
