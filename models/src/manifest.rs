@@ -223,15 +223,7 @@ impl Manifest {
                 )),
                 Some(_) => {}
             }
-            if c.sha256.len() != 64 || !c.sha256.chars().all(|x| x.is_ascii_hexdigit()) {
-                problems.push(format!("the sha256 of `{}` is not 64 hex digits", c.file));
-            }
-            if c.file.contains("..") || Path::new(&c.file).is_absolute() {
-                problems.push(format!(
-                    "the file `{}` must be a path inside the model directory",
-                    c.file
-                ));
-            }
+            file_problems(&c.file, &c.sha256, &mut problems);
         }
         if !problems.is_empty() {
             return Err(invalid(problems.join("; ")));
@@ -409,15 +401,7 @@ fn validate(models: &[ModelSpec]) -> Vec<String> {
                     m.name, v.variant
                 ));
             }
-            if v.sha256.len() != 64 || !v.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
-                problems.push(format!("the sha256 of `{}` is not 64 hex digits", v.file));
-            }
-            if v.file.contains("..") || Path::new(&v.file).is_absolute() {
-                problems.push(format!(
-                    "the file `{}` must be a path inside the model directory",
-                    v.file
-                ));
-            }
+            file_problems(&v.file, &v.sha256, &mut problems);
         }
         if let (Some(labels), Some(out)) = (&m.labels, m.outputs.first())
             && out
@@ -435,6 +419,19 @@ fn validate(models: &[ModelSpec]) -> Vec<String> {
         }
     }
     problems
+}
+
+/// What is wrong with a file the manifest names: its sha256 not 64 hex digits, its path not
+/// inside the model directory.
+fn file_problems(file: &str, sha256: &str, problems: &mut Vec<String>) {
+    if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        problems.push(format!("the sha256 of `{file}` is not 64 hex digits"));
+    }
+    if file.contains("..") || Path::new(file).is_absolute() {
+        problems.push(format!(
+            "the file `{file}` must be a path inside the model directory"
+        ));
+    }
 }
 
 /// Reads a file and checks its sha256.
