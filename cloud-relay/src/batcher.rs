@@ -187,8 +187,6 @@ async fn run(
         let metrics = metrics.clone();
         let running_now = Running::start(running.clone());
         tokio::task::spawn_blocking(move || {
-            let _running = running_now;
-            let _permit = permit;
             let started = Instant::now();
             let (inputs, meta): (Vec<_>, Vec<_>) = jobs
                 .into_iter()
@@ -198,6 +196,12 @@ async fn run(
                 model.infer_batch(inputs)
             }));
             let compute = started.elapsed();
+            // Done computing: no longer running, and the worker is free, before any reply goes.
+            // A requester answered first could otherwise send its next lone request while this
+            // batch still counts as running, and that request would wait out the queue delay
+            // for company that never comes.
+            drop(running_now);
+            drop(permit);
             metrics.observe_batch(model.name(), rows);
             let Ok(results) = results else {
                 metrics.panics.inc();
