@@ -902,7 +902,10 @@ fn rollout_command(
                     at.group
                 );
             }
-            let next = heard.current.map_or(1, |(v, _)| v + 1);
+            let next = match heard.current {
+                Some((v, _)) => ro::next_version(v).map_err(anyhow::Error::msg)?,
+                None => 1,
+            };
             push(&at, &key, next, &rollout)
         }
         RolloutAction::Status {
@@ -951,7 +954,8 @@ fn rollout_command(
                         bail!("the rule has not decided yet: nothing pushed")
                     }
                 };
-                push(&at, &key, version + 1, &ro::with_state(&rollout, state))?;
+                let next = ro::next_version(version).map_err(anyhow::Error::msg)?;
+                push(&at, &key, next, &ro::with_state(&rollout, state))?;
             }
             Ok(())
         }
@@ -962,7 +966,8 @@ fn rollout_command(
                 RolloutState::RolledBack
             };
             let (version, rollout, _) = current(&at)?;
-            push(&at, &key, version + 1, &ro::with_state(&rollout, state))
+            let next = ro::next_version(version).map_err(anyhow::Error::msg)?;
+            push(&at, &key, next, &ro::with_state(&rollout, state))
         }
     }
 }

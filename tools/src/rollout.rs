@@ -282,6 +282,16 @@ pub fn document(group: &str, version: u64, rollout: &Rollout) -> Result<String, 
     Ok(text)
 }
 
+/// The version after `version`, the one the broker holds (read, not verified: anyone who may
+/// publish there could have put it).
+pub fn next_version(version: u64) -> Result<u64, String> {
+    version.checked_add(1).ok_or_else(|| {
+        format!(
+            "the retained rollout document claims version {version}, the largest there is; clear the topic (publish an empty retained message) and start again"
+        )
+    })
+}
+
 /// The same rollout in another state.
 pub fn with_state(rollout: &Rollout, state: RolloutState) -> Rollout {
     Rollout {
@@ -457,6 +467,22 @@ mod tests {
         assert!(text.contains("Verdict: roll back 1.1.0"), "{text}");
         assert!(text.contains("pi-2"), "{text}");
         assert!(!text.contains("pi-3"), "{text}");
+    }
+
+    #[test]
+    fn the_next_version_of_a_hostile_retained_one_is_refused_not_wrapped() {
+        assert_eq!(next_version(7), Ok(8));
+        assert!(
+            next_version(u64::MAX)
+                .unwrap_err()
+                .contains("clear the topic")
+        );
+        // A retained payload that is no envelope, or no rollout, reads as none.
+        assert_eq!(parse_envelope(b"junk"), None);
+        assert_eq!(
+            parse_envelope(br#"{"key":"k","alg":"ed25519","signature":"","payload":"{}"}"#),
+            None
+        );
     }
 
     #[test]
