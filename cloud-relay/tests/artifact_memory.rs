@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use cloud_relay::State;
-use cloud_relay::config::RawConfig;
+mod support;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// VmRSS and VmHWM of this process, in MiB.
@@ -55,22 +55,8 @@ async fn a_large_artifact_streams_in_constant_memory() {
     let manifest = std::fs::read_to_string(dir.join("MANIFEST.toml")).unwrap();
     std::fs::write(dir.join("MANIFEST.toml"), manifest.replace(&old, &sha)).unwrap();
 
-    let mut raw = RawConfig {
-        models_dir: Some(dir.clone()),
-        ..RawConfig::default()
-    };
-    raw.shutdown_grace_ms = 0;
-    let cfg = raw.validate().unwrap();
-    let state = tokio::task::spawn_blocking(move || State::build(cfg))
-        .await
-        .unwrap()
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(cloud_relay::serve(state, listener, async move {
-        let _ = stopped.await;
-    }));
+    let models_dir = dir.clone();
+    let (addr, _state, stop) = support::relay(move |raw| raw.models_dir = Some(models_dir)).await;
 
     let download = |range: Option<&'static str>| async move {
         let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();

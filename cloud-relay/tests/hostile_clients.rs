@@ -7,34 +7,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use cloud_relay::State;
-use cloud_relay::config::RawConfig;
+mod support;
+
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-async fn relay(
-    tweak: impl FnOnce(&mut RawConfig),
-) -> (SocketAddr, State, tokio::sync::oneshot::Sender<()>) {
-    let mut raw = RawConfig {
-        models_dir: Some(models::default_zoo_dir()),
-        ..RawConfig::default()
-    };
-    raw.shutdown_grace_ms = 0;
-    tweak(&mut raw);
-    let cfg = raw.validate().unwrap();
-    let state = tokio::task::spawn_blocking(move || State::build(cfg))
-        .await
-        .unwrap()
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(cloud_relay::serve(state.clone(), listener, async move {
-        let _ = rx.await;
-    }));
-    (addr, state, tx)
-}
 
 /// Reads until the peer closes or `limit` passes; returns what came and whether it closed.
 async fn read_until_closed(sock: &mut TcpStream, limit: Duration) -> (String, bool) {
@@ -77,7 +54,7 @@ async fn post(addr: SocketAddr, path: &str, body: &str, extra: &str) -> (u16, St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_are_closed_at_the_header_deadline() {
-    let (addr, _state, _stop) = relay(|raw| raw.limits.header_timeout_ms = 500).await;
+    let (addr, _state, _stop) = support::relay(|raw| raw.limits.header_timeout_ms = 500).await;
     let started = Instant::now();
     let mut slow = Vec::new();
     for _ in 0..20 {
@@ -107,7 +84,7 @@ async fn slow_headers_are_closed_at_the_header_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_body_is_cut_off_and_an_oversized_length_is_refused_unread() {
-    let (addr, _state, _stop) = relay(|raw| {
+    let (addr, _state, _stop) = support::relay(|raw| {
         raw.limits.request_timeout_ms = 800;
         raw.limits.max_body_bytes = 4096;
     })
@@ -136,7 +113,7 @@ async fn a_trickled_body_is_cut_off_and_an_oversized_length_is_refused_unread() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_wait_until_one_closes() {
-    let (addr, state, _stop) = relay(|raw| raw.limits.max_connections = 4).await;
+    let (addr, state, _stop) = support::relay(|raw| raw.limits.max_connections = 4).await;
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut sock = TcpStream::connect(addr).await.unwrap();
@@ -168,7 +145,7 @@ async fn connections_over_the_limit_wait_until_one_closes() {
 async fn work_past_its_deadline_is_dropped_and_a_panicking_batch_answers_500() {
     // One worker; a long batching delay, which a lone request must never pay (it would if a
     // panicking batch left the model counted as busy).
-    let (addr, state, _stop) = relay(|raw| {
+    let (addr, state, _stop) = support::relay(|raw| {
         raw.workers = Some(1);
         raw.batching.max_queue_delay_us = 1_000_000;
     })
