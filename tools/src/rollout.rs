@@ -29,7 +29,7 @@ pub struct Totals {
 
 impl Totals {
     pub fn agreement(&self) -> Option<f64> {
-        // Counts far below 2^53: exact as f64.
+        // Counts come from device reports: past 2^53 the ratio only loses precision.
         (self.audited > 0).then(|| self.agree as f64 / self.audited as f64)
     }
 
@@ -110,7 +110,8 @@ pub fn device_quality(report: &Value, group: &str, id: &str, model: &str) -> Opt
                 },
             );
             if Some(version.as_str()) == candidate {
-                shadow_compared = (count(t, "compared"), count(t, "agree_serving"));
+                let compared = count(t, "compared");
+                shadow_compared = (compared, count(t, "agree_serving").min(compared));
             }
         }
     }
@@ -449,11 +450,12 @@ mod tests {
                    "models": {"digits": {"versions": {"1.0.0": {"audited": 1000, "agree_cloud": 0}}}}}),
             json!({"rollouts": "x"}),
             json!(null),
-            // A hostile report claiming more agreements than audits counts no more than its audits.
+            // A hostile report claiming more agreements than audits (or comparisons) counts no
+            // more than those.
             report(
                 "pi-4",
                 "shadow",
-                json!({"1.1.0": {"audited": 2, "agree_cloud": 1000}}),
+                json!({"1.1.0": {"audited": 2, "agree_cloud": 1000, "compared": 3, "agree_serving": 9}}),
             ),
         ];
         let s = standing("lab", 1, &rollout(), &reports);
@@ -463,6 +465,7 @@ mod tests {
         assert_eq!(s.candidate, t(12, 9));
         assert_eq!(s.verdict, Verdict::RollBack);
         assert_eq!(s.devices[0].shadow_compared, (40, 30));
+        assert_eq!(s.devices[2].shadow_compared, (3, 3));
         let text = render(&s);
         assert!(text.contains("Verdict: roll back 1.1.0"), "{text}");
         assert!(text.contains("pi-2"), "{text}");
