@@ -709,7 +709,9 @@ pub(crate) mod tests {
         let first = ask(&intake, "first").await.unwrap();
         assert_eq!(first.model_name, "digits");
         assert_eq!(ran_inline(&metrics), 0.0);
-        for i in 0..200 {
+        // Its p95 comes under the threshold once the recent runs are quick; with the other
+        // tests of this binary on the same cores, that can take a while.
+        for i in 0..2000 {
             let ok = ask(&intake, &format!("r{i}")).await.unwrap();
             assert_eq!(ok.model_name, "digits");
             if ran_inline(&metrics) > 0.0 {
@@ -844,11 +846,17 @@ pub(crate) mod tests {
             temperature_c: Some(40.0),
             ..Load::default()
         });
-        for j in 0..20 {
+        // A shadow run takes only idle time: the next request is sent once the worker has
+        // chosen for this one (it chooses after the reply has gone, so a requester that asks
+        // again at once would find it busy, as it should).
+        for j in 0..20u64 {
             assert!(ask(&intake, &format!("under-{j}")).await.is_ok());
+            until("the choice for the answer", || {
+                c.skipped_relay_down.load(Relaxed) == j + 1
+            })
+            .await;
         }
         until("20 shadow runs", || c.shadow_runs.load(Relaxed) == 20).await;
-        assert_eq!(c.skipped_relay_down.load(Relaxed), 20);
         assert_eq!(c.audits.load(Relaxed), 0);
         let t = r.quality.snapshot()[&("digits".to_owned(), "2.0.0-shadow".to_owned())];
         assert_eq!((t.compared, t.agree_serving, t.audited), (20, 20, 0));
