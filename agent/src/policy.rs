@@ -148,9 +148,14 @@ pub fn decide(policy: &Policy, s: &Signals, budget_ms: f64) -> Decision {
 
     if policy.mode == Mode::LocalOnly || cloud.is_none() {
         let unavailable = policy.mode != Mode::LocalOnly;
+        // Before the model's first run its time is a guess (DEFAULT_SERVICE_MS), and a guess
+        // is no reason to refuse: a fresh agent under a burst of tight budgets would turn away
+        // work it does in a fraction of a millisecond. A request whose budget runs out while
+        // it waits is still refused then, by the deadline watch.
+        let measured = s.local_p50_ms.is_some();
         return if queue_full {
             d(Route::Reject, Reason::QueueFull)
-        } else if local_fits {
+        } else if local_fits || !measured {
             d(
                 Route::Local,
                 if unavailable && s.relay == Relay::Down {
@@ -573,6 +578,54 @@ mod tests {
                 50.0,
                 Route::Reject,
                 Reason::WouldMissBudget,
+            ),
+            (
+                "no relay, not run yet: the guess does not refuse",
+                Mode::LocalFirst,
+                |s| {
+                    s.relay = Relay::None;
+                    s.queue_depth = 30;
+                    s.local_p50_ms = None;
+                    s.local_p95_ms = None;
+                },
+                50.0,
+                Route::Local,
+                Reason::WithinBudget,
+            ),
+            (
+                "relay down, not run yet",
+                Mode::LocalFirst,
+                |s| {
+                    s.relay = Relay::Down;
+                    s.queue_depth = 30;
+                    s.local_p50_ms = None;
+                },
+                50.0,
+                Route::Local,
+                Reason::RelayUnavailable,
+            ),
+            (
+                "local-only, not run yet",
+                Mode::LocalOnly,
+                |s| {
+                    s.queue_depth = 30;
+                    s.local_p50_ms = None;
+                },
+                50.0,
+                Route::Local,
+                Reason::Mode,
+            ),
+            (
+                "no relay, not run yet, queue full",
+                Mode::LocalFirst,
+                |s| {
+                    s.relay = Relay::None;
+                    s.queue_depth = 1000;
+                    s.local_p50_ms = None;
+                },
+                50.0,
+                Route::Reject,
+                Reason::QueueFull,
             ),
             // local-only
             (

@@ -587,6 +587,8 @@ pub(crate) mod tests {
 
     /// A request with this id panics in a worker.
     pub(crate) const PANIC_IN_WORKER: &str = "test-panic-in-worker";
+    /// A request with this id holds its worker for 30 ms before its model runs.
+    pub(crate) const HOLD_IN_WORKER: &str = "test-hold-in-worker";
     /// A request made inside the agent with this id panics in the front stage.
     pub(crate) const PANIC_IN_FRONT: &str = "test-panic-in-front";
 
@@ -733,6 +735,37 @@ pub(crate) mod tests {
         assert_eq!(ask(&intake, "after").await.unwrap().model_name, "digits");
         let (front, workers) = p.health().alive();
         assert!(front && workers == 1, "every stage is alive");
+        assert!(p.drain(Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fresh_agent_takes_a_burst_of_tight_budgets_before_its_model_has_run() {
+        // The model's first run holds the only worker for 30 ms; 15 requests with 80 ms
+        // budgets arrive meanwhile (the rig's queue holds 16). On a guess of
+        // DEFAULT_SERVICE_MS a request, the 12th in line on would be estimated past its budget
+        // and refused; digits answers them all within a few milliseconds of the worker's
+        // being free.
+        let dir = crate::test_scratch_dir("pipeline-cold");
+        let (p, metrics, _thread) = pipeline(&dir);
+        let intake = p.intake();
+        let hold = intake.submit(request(HOLD_IN_WORKER));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let waiting: Vec<_> = (0..15)
+            .map(|i| {
+                let mut r = request(&format!("cold-{i}"));
+                r.budget = Some(Duration::from_millis(80));
+                intake.submit(r)
+            })
+            .collect();
+        for (i, rx) in std::iter::once(hold).chain(waiting).enumerate() {
+            let answer = tokio::time::timeout(Duration::from_secs(10), rx.recv_async())
+                .await
+                .expect("an answer within 10 s")
+                .expect("the pipeline answers");
+            assert!(answer.is_ok(), "request {i}: {answer:?}");
+        }
+        let text = metrics.render(Default::default(), &crate::store::Counters::default());
+        assert!(!text.contains("route=\"reject\""), "{text}");
         assert!(p.drain(Duration::from_secs(5)).await);
     }
 

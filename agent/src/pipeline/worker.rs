@@ -87,6 +87,10 @@ impl Worker {
         if job.prepared.request.id.as_deref() == Some(super::tests::PANIC_IN_WORKER) {
             panic!("a fault injected by a test, in a worker");
         }
+        #[cfg(test)]
+        if job.prepared.request.id.as_deref() == Some(super::tests::HOLD_IN_WORKER) {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+        }
         let shared = &self.shared;
         let queue_ms = job.received.elapsed().as_secs_f64() * 1e3;
         let result = self.answer(&job.prepared.model, &job.prepared);
