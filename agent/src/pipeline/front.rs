@@ -423,10 +423,15 @@ impl Front {
             Route::Reject => {
                 let error = match decision.reason {
                     Reason::QueueFull => "the agent's inference queue is full and the relay cannot take the request; retry later or send to another device".to_owned(),
-                    _ => format!(
-                        "answering locally would take about {:.0} ms, over the request's budget of {budget_ms} ms, and the relay cannot take it; retry later, raise budget_ms, or send to another device",
-                        decision.local_estimate_ms,
-                    ),
+                    _ => {
+                        let headroom = settings.policy.policy.headroom;
+                        format!(
+                            "answering locally would take about {:.1} ms, more than the {:.1} ms an estimate may fill of the {left_ms:.0} ms left of the request's budget (policy.headroom {headroom}), and the relay cannot take it; retry later, raise budget_ms, or send to another device",
+                            // Rounded apart, so the two never print as equal.
+                            (decision.local_estimate_ms * 10.0).ceil() / 10.0,
+                            (left_ms * headroom * 10.0).floor() / 10.0,
+                        )
+                    }
                 };
                 shared.metrics.routed("reject", decision.reason);
                 job.slot.answer(&Answer::refused(decision.reason, error));

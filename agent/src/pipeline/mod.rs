@@ -605,6 +605,7 @@ pub(crate) mod tests {
         live: Live,
         load: watch::Sender<Load>,
         quality: Arc<crate::quality::Quality>,
+        times: Arc<ServiceTimes>,
         cfg: crate::config::Config,
     }
 
@@ -630,12 +631,13 @@ pub(crate) mod tests {
         let (load, load_rx) = watch::channel(Load::default());
         let live = Live::new(crate::live::Settings::local(engine, &cfg));
         let quality = Arc::new(crate::quality::Quality::default());
+        let times = Arc::new(ServiceTimes::default());
         let routing = Routing {
             live: live.clone(),
             health: Arc::default(),
             cloud: None,
             load_rx,
-            times: Arc::default(),
+            times: times.clone(),
             in_service: Arc::default(),
             runtime: tokio::runtime::Handle::current(),
             metrics: metrics.clone(),
@@ -668,6 +670,7 @@ pub(crate) mod tests {
             live,
             load,
             quality,
+            times,
             cfg,
         }
     }
@@ -767,6 +770,47 @@ pub(crate) mod tests {
         let text = metrics.render(Default::default(), &crate::store::Counters::default());
         assert!(!text.contains("route=\"reject\""), "{text}");
         assert!(p.drain(Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_measured_model_too_slow_for_the_budget_is_refused_with_the_figures() {
+        let dir = crate::test_scratch_dir("pipeline-slow");
+        let r = rig(&dir);
+        for _ in 0..32 {
+            r.times.record("digits", 40.0);
+        }
+        let mut slow = request("tight");
+        slow.budget = Some(Duration::from_millis(50));
+        let e = tokio::time::timeout(
+            Duration::from_secs(10),
+            r.pipeline.intake().submit(slow).recv_async(),
+        )
+        .await
+        .expect("an answer within 10 s")
+        .expect("the pipeline answers")
+        .unwrap_err();
+        assert_eq!(e.code, crate::protocol::ErrorCode::Overloaded, "{e:?}");
+        for part in [
+            "about 40.0 ms, more than the 37.",
+            "ms an estimate may fill of the ",
+            "(policy.headroom 0.75)",
+            "raise budget_ms",
+        ] {
+            assert!(e.error.contains(part), "{part:?} in {}", e.error);
+        }
+        // With a budget the estimate fits in, the same model answers.
+        let mut roomy = request("roomy");
+        roomy.budget = Some(Duration::from_millis(100));
+        let ok = tokio::time::timeout(
+            Duration::from_secs(10),
+            r.pipeline.intake().submit(roomy).recv_async(),
+        )
+        .await
+        .expect("an answer within 10 s")
+        .expect("the pipeline answers");
+        assert!(ok.is_ok(), "{ok:?}");
+        assert!(r.pipeline.drain(Duration::from_secs(5)).await);
+        drop(r.store_thread);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
