@@ -300,6 +300,7 @@ pub async fn run(
             pipeline.probe(),
             routing.in_service.clone(),
             cloud.clone(),
+            quality.clone(),
         );
         metrics_server = Some((bound, server));
     }

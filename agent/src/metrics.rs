@@ -53,6 +53,9 @@ struct Inner {
     engine_fallbacks: Family<Labels, Counter>,
     outbox_expired: Counter,
     outbox_refused: Counter,
+    audits: Family<Labels, Counter>,
+    shadow_runs: Family<Labels, Counter>,
+    observe_skipped: Family<Labels, Counter>,
     /// Held while a scrape brings the counters kept by the store up to date.
     scrape: std::sync::Mutex<()>,
     /// Since the last telemetry message.
@@ -192,6 +195,24 @@ impl Default for Metrics {
             "Stored messages dropped because the broker refused them",
             outbox_refused.clone(),
         );
+        let audits = Family::<Labels, Counter>::default();
+        registry.register(
+            "audits",
+            "Local answers asked of the relay's cloud model too and compared (policy.models.NAME.audit_rate), by outcome (ok, failed)",
+            audits.clone(),
+        );
+        let shadow_runs = Family::<Labels, Counter>::default();
+        registry.register(
+            "shadow_runs",
+            "Local answers run again on a candidate model named by the fleet and compared, by outcome (ok, failed)",
+            shadow_runs.clone(),
+        );
+        let observe_skipped = Family::<Labels, Counter>::default();
+        registry.register(
+            "observe_skipped",
+            "Audits and shadow runs drawn but not done, by reason (over_limits, relay_down, rate_limited, busy, queue_full)",
+            observe_skipped.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -215,6 +236,9 @@ impl Default for Metrics {
                 engine_fallbacks,
                 outbox_expired,
                 outbox_refused,
+                audits,
+                shadow_runs,
+                observe_skipped,
                 scrape: std::sync::Mutex::new(()),
                 window: Default::default(),
             }),
@@ -333,7 +357,12 @@ impl Metrics {
     }
 
     /// The text exposition, with the scrape-time values filled in.
-    pub fn render(&self, snap: Snapshot, store: &crate::store::Counters) -> String {
+    pub fn render(
+        &self,
+        snap: Snapshot,
+        store: &crate::store::Counters,
+        observed: &crate::quality::Counters,
+    ) -> String {
         let i = &self.inner;
         let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         i.queue_depth.set(snap.queue_depth as i64);
@@ -353,6 +382,43 @@ impl Metrics {
         ] {
             let total = total.load(Ordering::Relaxed);
             counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        // So does the observer (audits and shadow runs), which counts for its reports.
+        let label = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        let o = observed;
+        for (family, labels, total) in [
+            (&i.audits, label("outcome", "ok"), &o.audits),
+            (&i.audits, label("outcome", "failed"), &o.audits_failed),
+            (&i.shadow_runs, label("outcome", "ok"), &o.shadow_runs),
+            (&i.shadow_runs, label("outcome", "failed"), &o.shadow_failed),
+            (
+                &i.observe_skipped,
+                label("reason", "over_limits"),
+                &o.skipped_over_limits,
+            ),
+            (
+                &i.observe_skipped,
+                label("reason", "relay_down"),
+                &o.skipped_relay_down,
+            ),
+            (
+                &i.observe_skipped,
+                label("reason", "rate_limited"),
+                &o.skipped_rate_limited,
+            ),
+            (&i.observe_skipped, label("reason", "busy"), &o.skipped_busy),
+            (
+                &i.observe_skipped,
+                label("reason", "queue_full"),
+                &o.dropped,
+            ),
+            (&i.panics, label("stage", "observer"), &o.panics),
+        ] {
+            let total = total.load(Ordering::Relaxed);
+            if total > 0 {
+                let counter = family.get_or_create(&labels);
+                counter.inc_by(total.saturating_sub(counter.get()));
+            }
         }
         let mut out = String::new();
         if encode(&mut out, &i.registry).is_err() {

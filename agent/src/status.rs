@@ -120,6 +120,7 @@ pub fn serve_metrics(
     probe: QueueProbe,
     in_service: Arc<std::sync::atomic::AtomicUsize>,
     cloud: Option<Cloud>,
+    quality: Arc<crate::quality::Quality>,
 ) -> tokio::task::JoinHandle<()> {
     let app = axum::Router::new().route(
         "/metrics",
@@ -134,7 +135,7 @@ pub fn serve_metrics(
                     Some(BreakerState::Open) => 2,
                 },
             };
-            let text = metrics.render(snap, &counters);
+            let text = metrics.render(snap, &counters, &quality.counters);
             async move {
                 (
                     [(

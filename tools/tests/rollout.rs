@@ -209,6 +209,7 @@ async fn a_worse_candidate_is_rolled_back_and_a_better_one_promoted_on_audits_al
             },
         );
         raw.policy.audit_max_per_s = 200.0;
+        raw.metrics.listen = Some("127.0.0.1:0".into());
     };
     // ro-a is also in the `canary` group: the first rollout's cohort.
     let c = configure.clone();
@@ -315,6 +316,19 @@ async fn a_worse_candidate_is_rolled_back_and_a_better_one_promoted_on_audits_al
     eprintln!("{}", report.body);
     assert!(table.contains("digits-1.2.0 promoted serve"), "{table}");
     assert!(table.contains("digits@1.0.0"), "{table}");
+    // Audits and shadow runs are on each device's /metrics too.
+    let metrics = common::scrape(a.running.metrics_addr.unwrap()).await;
+    for family in [
+        "tether_agent_audits_total{outcome=\"ok\"} ",
+        "tether_agent_shadow_runs_total{outcome=\"ok\"} ",
+    ] {
+        let n: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(family))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {family} in {metrics}"));
+        assert!(n > 0.0, "{family}{n}");
+    }
 
     for o in others {
         o.stop().await;

@@ -698,7 +698,11 @@ pub(crate) mod tests {
     }
 
     fn ran_inline(metrics: &Metrics) -> f64 {
-        let text = metrics.render(Default::default(), &crate::store::Counters::default());
+        let text = metrics.render(
+            Default::default(),
+            &crate::store::Counters::default(),
+            &crate::quality::Counters::default(),
+        );
         text.lines()
             .find_map(|l| l.strip_prefix("tether_agent_ran_inline_total "))
             .and_then(|v| v.trim().parse().ok())
@@ -730,7 +734,11 @@ pub(crate) mod tests {
         let e = ask(&intake, PANIC_IN_WORKER).await.unwrap_err();
         assert_eq!(e.code, crate::protocol::ErrorCode::Internal, "{e:?}");
         assert_eq!(ran_inline(&metrics), before + 1.0, "the poison ran inline");
-        let text = metrics.render(Default::default(), &crate::store::Counters::default());
+        let text = metrics.render(
+            Default::default(),
+            &crate::store::Counters::default(),
+            &crate::quality::Counters::default(),
+        );
         assert!(
             text.contains("tether_agent_panics_total{stage=\"worker\"} 1"),
             "{text}"
@@ -767,7 +775,11 @@ pub(crate) mod tests {
                 .expect("the pipeline answers");
             assert!(answer.is_ok(), "request {i}: {answer:?}");
         }
-        let text = metrics.render(Default::default(), &crate::store::Counters::default());
+        let text = metrics.render(
+            Default::default(),
+            &crate::store::Counters::default(),
+            &crate::quality::Counters::default(),
+        );
         assert!(!text.contains("route=\"reject\""), "{text}");
         assert!(p.drain(Duration::from_secs(5)).await);
     }
@@ -830,7 +842,11 @@ pub(crate) mod tests {
                 .await
                 .expect("the stage goes on serving");
             assert_eq!(ok.model_name, "digits");
-            let text = metrics.render(Default::default(), &crate::store::Counters::default());
+            let text = metrics.render(
+                Default::default(),
+                &crate::store::Counters::default(),
+                &crate::quality::Counters::default(),
+            );
             assert!(
                 text.contains(&format!("tether_agent_panics_total{{stage=\"{stage}\"}} 1")),
                 "{text}"
@@ -950,6 +966,23 @@ pub(crate) mod tests {
         r.live.set(observed(&r, "2.0.0-shadow"));
         assert!(ask(&intake, "after").await.is_ok());
         until("the observer goes on", || c.shadow_runs.load(Relaxed) == 21).await;
+        // The same counts on /metrics, where a fleet's Prometheus reads them (scraped twice:
+        // counted once).
+        let scrape = || {
+            r.metrics
+                .render(Default::default(), &crate::store::Counters::default(), c)
+        };
+        scrape();
+        let text = scrape();
+        for line in [
+            "tether_agent_shadow_runs_total{outcome=\"ok\"} 21",
+            "tether_agent_observe_skipped_total{reason=\"over_limits\"} 15",
+            "tether_agent_observe_skipped_total{reason=\"relay_down\"} 22",
+            "tether_agent_panics_total{stage=\"observer\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+        assert!(!text.contains("tether_agent_audits_total{"), "{text}");
         assert!(r.pipeline.drain(Duration::from_secs(5)).await);
         drop(r.store_thread);
     }
