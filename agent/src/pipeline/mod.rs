@@ -687,14 +687,23 @@ pub(crate) mod tests {
         }
     }
 
+    fn with_budget(id: &str, ms: u64) -> LocalRequest {
+        LocalRequest {
+            budget: Some(Duration::from_millis(ms)),
+            ..request(id)
+        }
+    }
+
+    /// The answer to a submitted request.
+    async fn answer(rx: flume::Receiver<LocalAnswer>) -> LocalAnswer {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv_async())
+            .await
+            .expect("an answer within 10 s")
+            .expect("the pipeline answers")
+    }
+
     async fn ask(intake: &Intake, id: &str) -> LocalAnswer {
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            intake.submit(request(id)).recv_async(),
-        )
-        .await
-        .expect("an answer within 10 s")
-        .expect("the pipeline answers")
+        answer(intake.submit(request(id))).await
     }
 
     fn ran_inline(metrics: &Metrics) -> f64 {
@@ -762,18 +771,11 @@ pub(crate) mod tests {
         let hold = intake.submit(request(HOLD_IN_WORKER));
         tokio::time::sleep(Duration::from_millis(5)).await;
         let waiting: Vec<_> = (0..15)
-            .map(|i| {
-                let mut r = request(&format!("cold-{i}"));
-                r.budget = Some(Duration::from_millis(80));
-                intake.submit(r)
-            })
+            .map(|i| intake.submit(with_budget(&format!("cold-{i}"), 80)))
             .collect();
         for (i, rx) in std::iter::once(hold).chain(waiting).enumerate() {
-            let answer = tokio::time::timeout(Duration::from_secs(10), rx.recv_async())
-                .await
-                .expect("an answer within 10 s")
-                .expect("the pipeline answers");
-            assert!(answer.is_ok(), "request {i}: {answer:?}");
+            let a = answer(rx).await;
+            assert!(a.is_ok(), "request {i}: {a:?}");
         }
         let text = metrics.render(
             Default::default(),
@@ -791,16 +793,10 @@ pub(crate) mod tests {
         for _ in 0..32 {
             r.times.record("digits", 40.0);
         }
-        let mut slow = request("tight");
-        slow.budget = Some(Duration::from_millis(50));
-        let e = tokio::time::timeout(
-            Duration::from_secs(10),
-            r.pipeline.intake().submit(slow).recv_async(),
-        )
-        .await
-        .expect("an answer within 10 s")
-        .expect("the pipeline answers")
-        .unwrap_err();
+        let intake = r.pipeline.intake();
+        let e = answer(intake.submit(with_budget("tight", 50)))
+            .await
+            .unwrap_err();
         assert_eq!(e.code, crate::protocol::ErrorCode::Overloaded, "{e:?}");
         for part in [
             "about 40.0 ms, more than the 37.",
@@ -811,15 +807,7 @@ pub(crate) mod tests {
             assert!(e.error.contains(part), "{part:?} in {}", e.error);
         }
         // With a budget the estimate fits in, the same model answers.
-        let mut roomy = request("roomy");
-        roomy.budget = Some(Duration::from_millis(100));
-        let ok = tokio::time::timeout(
-            Duration::from_secs(10),
-            r.pipeline.intake().submit(roomy).recv_async(),
-        )
-        .await
-        .expect("an answer within 10 s")
-        .expect("the pipeline answers");
+        let ok = answer(intake.submit(with_budget("roomy", 100))).await;
         assert!(ok.is_ok(), "{ok:?}");
         assert!(r.pipeline.drain(Duration::from_secs(5)).await);
         drop(r.store_thread);
