@@ -52,6 +52,8 @@ pub struct Outcome {
     pub route: String,
     pub reason: String,
     pub code: Option<String>,
+    /// A refusal's sentence (the reply's `error`), cut to 200 characters.
+    pub error: Option<String>,
 }
 
 /// The live view's numbers for the last second.
@@ -71,6 +73,7 @@ struct ReplyProbe {
     parameters: Option<ReplyParams>,
     code: Option<String>,
     reason: Option<String>,
+    error: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,16 +137,18 @@ pub async fn run(
                             continue;
                         };
                         let probe: Option<ReplyProbe> = serde_json::from_slice(&p.payload).ok();
-                        let (route, reason, code, agent_ms) = match probe {
+                        let (route, reason, code, agent_ms, error) = match probe {
                             Some(ReplyProbe {
                                 code: Some(code),
                                 reason,
+                                error,
                                 ..
                             }) => (
                                 "error".to_owned(),
                                 reason.unwrap_or_default(),
                                 Some(code),
                                 None,
+                                error.map(|e| e.chars().take(200).collect()),
                             ),
                             Some(ReplyProbe {
                                 parameters:
@@ -158,8 +163,9 @@ pub async fn run(
                                 reason.unwrap_or_default(),
                                 None,
                                 latency_ms.filter(|ms| ms.is_finite()),
+                                None,
                             ),
-                            _ => ("?".to_owned(), String::new(), None, None),
+                            _ => ("?".to_owned(), String::new(), None, None, None),
                         };
                         let now = start.elapsed();
                         let mut b = book.lock().unwrap_or_else(|p| p.into_inner());
@@ -174,6 +180,7 @@ pub async fn run(
                                 route,
                                 reason,
                                 code,
+                                error,
                             });
                         }
                     }
@@ -264,6 +271,7 @@ pub async fn run(
                 route: "lost".into(),
                 reason: String::new(),
                 code: None,
+                error: None,
             })
         })
         .collect())
