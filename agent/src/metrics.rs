@@ -318,7 +318,7 @@ impl Metrics {
     /// Panics caught, over every stage (for the status).
     pub fn panics_total(&self) -> u64 {
         let mut total = 0;
-        for stage in ["front", "worker", "decode"] {
+        for stage in ["front", "worker", "decode", "observer"] {
             total += self
                 .inner
                 .panics
@@ -412,7 +412,6 @@ impl Metrics {
                 label("reason", "queue_full"),
                 &o.dropped,
             ),
-            (&i.panics, label("stage", "observer"), &o.panics),
         ] {
             let total = total.load(Ordering::Relaxed);
             if total > 0 {

@@ -407,9 +407,7 @@ impl Pipeline {
         let (observer, observer_stage) = observe::channel(
             QueueProbe(jobs_tx.downgrade()),
             arrivals_tx.downgrade(),
-            routing.quality.clone(),
-            routing.cloud.clone(),
-            routing.runtime.clone(),
+            &routing,
             store.clone(),
             observer_stop.clone(),
         );
@@ -951,6 +949,8 @@ pub(crate) mod tests {
             c.panics.load(Relaxed) == 1
         })
         .await;
+        // In the device's status too, which sums the panics of every stage.
+        assert_eq!(r.metrics.panics_total(), 1);
         r.live.set(observed(&r, "2.0.0-shadow"));
         assert!(ask(&intake, "after").await.is_ok());
         until("the observer goes on", || c.shadow_runs.load(Relaxed) == 21).await;

@@ -19,8 +19,9 @@ use models::Tensor;
 use models::engine::LoadedModel;
 use models::v2::InferenceResponse;
 
-use super::{Arrival, Job, QueueProbe, Shared};
+use super::{Arrival, Job, QueueProbe, Routing, Shared};
 use crate::cloud::Cloud;
+use crate::metrics::Metrics;
 use crate::quality::{self, Conditions, Quality, Rates, TokenBucket, Top1};
 use crate::store::{AuditRecord, StoreHandle, now_ms};
 
@@ -103,15 +104,15 @@ pub(super) struct Stage {
     runtime: tokio::runtime::Handle,
     store: StoreHandle,
     stop: Arc<AtomicBool>,
+    /// Where a caught panic is counted at once (the status's `panics` sums every stage).
+    metrics: Metrics,
 }
 
 /// Makes the observer's two sides.
 pub(super) fn channel(
     queue: QueueProbe,
     arrivals: flume::WeakSender<Arrival>,
-    quality: Arc<Quality>,
-    cloud: Option<Cloud>,
-    runtime: tokio::runtime::Handle,
+    routing: &Routing,
     store: StoreHandle,
     stop: Arc<AtomicBool>,
 ) -> (Observer, Stage) {
@@ -126,11 +127,12 @@ pub(super) fn channel(
         },
         Stage {
             rx,
-            quality,
-            cloud,
-            runtime,
+            quality: routing.quality.clone(),
+            cloud: routing.cloud.clone(),
+            runtime: routing.runtime.clone(),
             store,
             stop,
+            metrics: routing.metrics.clone(),
         },
     )
 }
@@ -225,6 +227,7 @@ impl Stage {
                 Ok(o) => {
                     let model = o.model.clone();
                     if std::panic::catch_unwind(AssertUnwindSafe(|| self.process(o))).is_err() {
+                        self.metrics.panic("observer");
                         self.quality.counters.panics.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(model = %model, "An audit or shadow run panicked; it is dropped and the observer goes on.");
                     }
