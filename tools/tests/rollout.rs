@@ -11,8 +11,8 @@ mod common;
 mod operator;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent::config::RawConfig;
@@ -39,61 +39,76 @@ fn payloads() -> Vec<Vec<u8>> {
 }
 
 /// Streams requests to each device until stopped, one in flight per device; counts replies
-/// and remembers the model version of the latest.
+/// and remembers, per device, the model version of its latest local answer.
 struct Load {
     stop: Arc<AtomicBool>,
     answered: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<String>>,
+    /// Per device: the version of its latest local answer since `forget` (a busy device sends
+    /// some requests to the relay, whose cloud model has versions of its own).
+    versions: Arc<Mutex<Vec<Option<String>>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Load {
     async fn start(addr: SocketAddr, devices: &[&str]) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let answered = Arc::new(AtomicU64::new(0));
+        let versions = Arc::new(Mutex::new(vec![None; devices.len()]));
         let bodies = Arc::new(payloads());
         let mut tasks = Vec::new();
         for (d, device) in devices.iter().enumerate() {
             let mut r = Requester::connect(addr, &format!("load-{device}")).await;
-            let (stop, answered, bodies) = (stop.clone(), answered.clone(), bodies.clone());
+            let (stop, answered, bodies, versions) = (
+                stop.clone(),
+                answered.clone(),
+                bodies.clone(),
+                versions.clone(),
+            );
             let topic = format!("tether/{device}/infer/digits");
             tasks.push(tokio::spawn(async move {
                 let mut i = d * 97;
-                let mut version = String::new();
                 while !stop.load(Ordering::Relaxed) {
                     let body = &bodies[i % bodies.len()];
                     r.send(&topic, body, &i.to_le_bytes()).await;
                     let reply = r.next(Duration::from_secs(10)).await;
                     assert!(reply.body.get("outputs").is_some(), "{}", reply.body);
-                    // The device's own model: a busy device may send a request to the relay,
-                    // whose cloud model has versions of its own.
                     if reply.body["parameters"]["route"] == "local" {
-                        version = reply.body["model_version"]
-                            .as_str()
-                            .unwrap_or("?")
-                            .to_owned();
+                        let version = reply.body["model_version"].as_str().unwrap_or("?");
+                        versions.lock().unwrap()[d] = Some(version.to_owned());
                     }
                     answered.fetch_add(1, Ordering::Relaxed);
                     i += 1;
                     tokio::time::sleep(Duration::from_millis(4)).await;
                 }
-                version
             }));
         }
         Load {
             stop,
             answered,
+            versions,
             tasks,
         }
     }
 
-    /// Stops the stream; returns the model version of each device's latest local answer.
-    async fn stop(self) -> Vec<String> {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut versions = Vec::new();
-        for t in self.tasks {
-            versions.push(t.await.unwrap());
+    /// Forgets the versions seen so far; then waits (up to `within`) until every device has
+    /// answered locally again, and returns each one's version.
+    async fn fresh_versions(&self, within: Duration) -> Vec<Option<String>> {
+        self.versions.lock().unwrap().fill(None);
+        let until = Instant::now() + within;
+        loop {
+            let seen = self.versions.lock().unwrap().clone();
+            if seen.iter().all(Option::is_some) || Instant::now() > until {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        versions
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
     }
 }
 
@@ -303,12 +318,15 @@ async fn a_worse_candidate_is_rolled_back_and_a_better_one_promoted_on_audits_al
         r["models"]["digits"]["serving"] == "1.2.0" && r["rollouts"][0]["state"] == "promoted"
     })
     .await;
+    // Answers from before the switch may still be on their way: then only local answers that
+    // come after it count.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let versions = load.stop().await;
+    let versions = load.fresh_versions(Duration::from_secs(30)).await;
+    load.stop().await;
     assert_eq!(
         versions,
-        vec!["1.2.0"; 3],
-        "every device serves the promoted version"
+        vec![Some("1.2.0".to_owned()); 3],
+        "every device serves the promoted version (None: no local answer from it within 30 s)"
     );
 
     // The fleet table shows each device's rollout and agreement.
