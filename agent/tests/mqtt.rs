@@ -272,7 +272,9 @@ async fn a_burst_beyond_the_queue_is_taken_at_the_agents_pace_and_all_answered()
     .await;
     let mut req = Requester::connect(agent.v5_addr(), "burst").await;
     let n = 30;
-    let body = golden("ocr_det");
+    // The pace is what is tested, not the budget: behind 29 others on a busy machine (3
+    // CPU-bound processes beside the tests), the golden request's 1,000 ms ran out.
+    let body = golden_with("ocr_det", json!({"budget_ms": 60_000}));
     for i in 0..n {
         req.send(
             "tether/dev-burst/infer/ocr_det",
@@ -333,7 +335,10 @@ async fn status_is_retained_and_shutdown_finishes_requests_in_flight() {
         .collect();
     assert_eq!(loaded, [false, false, false, true], "{}", status.body);
 
-    let body = golden("ocr_det");
+    // The budget is not what this test is about: ocr_det is built on its first request, and a
+    // debug build on a busy machine (3 CPU-bound processes beside the tests) took more than
+    // the golden request's 1,000 ms.
+    let body = golden_with("ocr_det", json!({"budget_ms": 30_000}));
     for i in 0..3 {
         req.send(
             "tether/dev-status/infer/ocr_det",
@@ -347,7 +352,12 @@ async fn status_is_retained_and_shutdown_finishes_requests_in_flight() {
     agent.stop().await;
     let mut served = 0;
     let mut offline = false;
-    for _ in 0..4 {
+    // Three replies and the offline status; an online status may come before them (the agent
+    // republishes it when its settings or connection change), and is read past.
+    for _ in 0..8 {
+        if served == 3 && offline {
+            break;
+        }
         let r = req.next(WAIT).await;
         if r.topic == "tether/dev-status/status" {
             offline = r.body["online"] == false;
@@ -447,7 +457,9 @@ async fn over_mqtt_311_a_burst_is_also_taken_at_the_agents_pace() {
                     for i in 0..n {
                         let mut v: Value = serde_json::from_slice(&golden_with(
                             "ocr_det",
-                            json!({"reply_to": "burst311/replies"}),
+                            // The pace is what is tested, not the budget (the default
+                            // 1,000 ms ran out behind 29 others on a busy machine).
+                            json!({"reply_to": "burst311/replies", "budget_ms": 60_000}),
                         ))
                         .unwrap();
                         v["id"] = json!(format!("b{i}"));
@@ -488,7 +500,9 @@ async fn requests_past_the_queues_bytes_find_it_full() {
     })
     .await;
     let mut req = Requester::connect(agent.v5_addr(), "bytes").await;
-    let body = golden_with("ocr_det", json!({"cache": false}));
+    // A roomy budget: the first request also builds ocr_det, which on a busy machine took a
+    // debug build past the default 1,000 ms.
+    let body = golden_with("ocr_det", json!({"cache": false, "budget_ms": 30_000}));
     for i in 0..3 {
         req.send(
             "tether/dev-bytes/infer/ocr_det",
