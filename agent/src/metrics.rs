@@ -138,7 +138,7 @@ impl Default for Metrics {
         let panics = Family::<Labels, Counter>::default();
         registry.register(
             "panics",
-            "Panics caught in a stage (front, worker, decode); the request is answered internal and the stage goes on",
+            "Panics caught in a stage (front, worker, decode, observer); a request is answered internal and the stage goes on",
             panics.clone(),
         );
         let duplicates = Family::<Labels, Counter>::default();
